@@ -1,0 +1,160 @@
+"""Who may use the proxy, and with which key: client address, IP lists, credentials.  Tests: tests/test_access.py
+
+Pure decisions over plain values; the forwarding glue turns a Decision into headers or an error response.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import re
+
+import attrs
+
+from fwd import errors
+from fwd.config import ForwardKey, Route
+
+
+def client_ip(peer: str, forwarded_for: list[bytes] | None, trusted: tuple) -> str:
+    """The client's address: the peer, or the right-most untrusted X-Forwarded-For hop behind trusted proxies."""
+    if not forwarded_for or not trusted or not in_networks(peer, trusted):
+        return peer
+    hops = [hop.strip() for value in forwarded_for for hop in value.decode("latin-1").split(",")]
+    for hop in reversed(hops):
+        if not hop:
+            continue
+        if not in_networks(hop, trusted):
+            return hop if _is_ip(hop) else peer
+    return hops[0] if hops and _is_ip(hops[0]) else peer
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def in_networks(ip: str, networks: tuple) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks if network.version == address.version)
+
+
+def ip_allowed(ip: str, whitelist: tuple, blacklist: tuple) -> bool:
+    """Blacklist wins; with a whitelist, only listed addresses pass."""
+    if blacklist and in_networks(ip, blacklist):
+        return False
+    return not whitelist or in_networks(ip, whitelist)
+
+
+def split_proxy_key(credential: str, proxy_keys: tuple[str, ...]) -> str | None:
+    """Check and strip openai-api-proxy's `<key>:<proxy key>` suffix; None when it is missing or wrong."""
+    key, sep, suffix = credential.rpartition(":")
+    if not sep:
+        key, suffix = "", credential
+    matched = False
+    for candidate in proxy_keys:
+        matched |= hmac.compare_digest(suffix.encode(), candidate.encode())
+    return key if matched else None
+
+
+@attrs.frozen
+class Decision:
+    """How to authenticate one request upstream: a pool key (with the forward key used), or the client's key."""
+
+    use_pool: bool
+    forward_key: ForwardKey | None = None
+    client_key: str | None = None
+    error: errors.ProxyError | None = None
+
+    @property
+    def caller(self) -> str:
+        """A name for the caller that is never a key."""
+        if self.forward_key is not None:
+            return self.forward_key.name
+        return "anonymous" if self.client_key is None else "own-key"
+
+
+ANONYMOUS_POOL = Decision(use_pool=True)
+NO_KEY = Decision(use_pool=False)
+
+
+@attrs.frozen
+class ForwardKeyTable:
+    """Forward keys of a route, found by constant-time comparison."""
+
+    keys: tuple[ForwardKey, ...]
+
+    def find(self, presented: str) -> ForwardKey | None:
+        found = None
+        encoded = presented.encode()
+        for candidate in self.keys:
+            if hmac.compare_digest(encoded, candidate.key.encode()):
+                found = candidate
+        return found
+
+
+def decide(
+    route: Route, table: ForwardKeyTable, credential: str | None, proxy_keys: tuple[str, ...]
+) -> Decision:
+    """Decide how a request with this credential is served on this route."""
+    if proxy_keys:
+        if credential is None:
+            return Decision(False, error=errors.bad_proxy_key())
+        credential = split_proxy_key(credential, proxy_keys)
+        if credential is None:
+            return Decision(False, error=errors.bad_proxy_key())
+        credential = credential or None
+    if credential is None:
+        if route.forward_keys:
+            return Decision(False, error=errors.missing_key())
+        return ANONYMOUS_POOL if route.api_keys else NO_KEY
+    if credential.startswith("fk-"):
+        forward_key = table.find(credential)
+        if forward_key is None:
+            return Decision(False, error=errors.unknown_forward_key())
+        return Decision(True, forward_key=forward_key)
+    if not route.allow_client_keys:
+        return Decision(False, error=errors.client_keys_forbidden())
+    return Decision(False, client_key=credential)
+
+
+def bearer(value: bytes | None) -> str | None:
+    """The token of an `Authorization: Bearer …` header value."""
+    if not value:
+        return None
+    scheme, _, token = value.decode("latin-1").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+_MULTIPART_MODEL = re.compile(
+    rb'content-disposition:[^\r\n]*\bname="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n', re.IGNORECASE
+)
+_AZURE_DEPLOYMENT = re.compile(r"/deployments/([^/?]+)")
+
+
+def request_model(body: bytes, content_type: bytes | None, path: str) -> str | None:
+    """The model a request asks for: `model` in a JSON or multipart body, or an Azure deployment in the path."""
+    ctype = (content_type or b"").split(b";", 1)[0].strip().lower()
+    if ctype == b"multipart/form-data":
+        match = _MULTIPART_MODEL.search(body)
+        if match:
+            return match.group(1).decode("utf-8", "replace")
+    elif body[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("model"), str):
+            return data["model"]
+    match = _AZURE_DEPLOYMENT.search(path)
+    return match.group(1) if match else None

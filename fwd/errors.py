@@ -1,0 +1,118 @@
+"""OpenAI-shaped error bodies for the errors the proxy makes itself.  Tests: tests/test_errors.py"""
+
+import json
+
+import attrs
+
+
+@attrs.frozen
+class ProxyError:
+    """An error answered by the proxy, not the upstream: status, body fields and extra headers."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def body(self) -> bytes:
+        """The JSON body clients' SDKs parse: {"error": {"message", "type", "param", "code"}}."""
+        return json.dumps(
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        ).encode()
+
+
+def not_found(path: str) -> ProxyError:
+    return ProxyError(404, f"No route serves {path}: check the base_url and ROUTE_PREFIX.", code="not_found")
+
+
+def bad_path() -> ProxyError:
+    return ProxyError(400, "The request path has dot-segments; send a normalized path.", code="invalid_path")
+
+
+def body_too_large(limit: int) -> ProxyError:
+    return ProxyError(413, f"Request body is larger than MAX_BODY_SIZE ({limit} bytes).", code="body_too_large")
+
+
+def missing_key() -> ProxyError:
+    return ProxyError(
+        401,
+        "Missing API key: send 'Authorization: Bearer <forward key>'.",
+        type="authentication_error",
+        code="missing_api_key",
+    )
+
+
+def unknown_forward_key() -> ProxyError:
+    return ProxyError(
+        401, "Unknown forward key: check the key you were given.", type="authentication_error", code="invalid_api_key"
+    )
+
+
+def client_keys_forbidden() -> ProxyError:
+    return ProxyError(
+        401,
+        "This proxy accepts forward keys only: use the fk- key you were given.",
+        type="authentication_error",
+        code="invalid_api_key",
+    )
+
+
+def bad_proxy_key() -> ProxyError:
+    return ProxyError(
+        401,
+        "Missing or wrong proxy key: append ':<proxy key>' to your API key.",
+        type="authentication_error",
+        code="invalid_proxy_key",
+    )
+
+
+def ip_denied(ip: str) -> ProxyError:
+    return ProxyError(403, f"Your address {ip} may not use this proxy.", type="permission_error", code="ip_denied")
+
+
+def model_denied(model: str | None) -> ProxyError:
+    if model is None:
+        message = "This key is limited to some models; name the model in the request body."
+    else:
+        message = f"This key may not use the model {model!r}."
+    return ProxyError(403, message, type="permission_error", code="model_not_allowed", param="model")
+
+
+def keys_exhausted(retry_after: float, rate_limited: bool) -> ProxyError:
+    seconds = max(1, int(retry_after + 0.999))
+    header = ((b"Retry-After", str(seconds).encode()),)
+    if rate_limited:
+        return ProxyError(
+            429,
+            f"Every upstream key is rate limited; retry in {seconds} s.",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers=header,
+        )
+    return ProxyError(
+        503,
+        f"No upstream key is usable right now; retry in {seconds} s.",
+        type="server_error",
+        code="no_upstream_key",
+        headers=header,
+    )
+
+
+def upstream_unreachable(base_url: str, reason: str) -> ProxyError:
+    return ProxyError(
+        502,
+        f"Could not reach the upstream {base_url} ({reason}): check OPENAI_BASE_URL and the network.",
+        type="server_error",
+        code="upstream_unreachable",
+    )
+
+
+def upstream_timeout(base_url: str, timeout: float) -> ProxyError:
+    return ProxyError(
+        504,
+        f"The upstream {base_url} sent no response headers within {timeout:g} s: check the upstream or raise TIMEOUT.",
+        type="server_error",
+        code="upstream_timeout",
+    )

@@ -1,0 +1,510 @@
+"""Forwarding one request upstream and streaming the answer back.  Tests: tests/test_forward.py
+
+The path of a request: `Forwarder.handle` picks the route and applies access control, then an `Exchange`
+sends the request upstream on the shared connection pool, replays it on the next pool key after a
+429/401/403, and relays the response body chunk by chunk through `Relay`, which registers the upstream
+transport as the client's producer so a slow client pauses the upstream instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from email.utils import parsedate_to_datetime
+from urllib.parse import unquote_to_bytes
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.client import ResponseDone, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from fwd import access, errors
+from fwd.config import Config, Route
+from fwd.headers import is_event_stream, request_headers, response_headers
+from fwd.keys import KeyPool
+
+log = Logger(namespace="fwd.forward")
+accessLog = Logger(namespace="fwd.access")
+
+RETRY_STATUSES = frozenset({401, 403, 429})
+JSON = [b"application/json"]
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written in one go."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+@attrs.define
+class ActiveRoute:
+    """A configured route with what it needs at run time: its key pool and forward-key table."""
+
+    route: Route
+    pool: KeyPool
+    table: access.ForwardKeyTable
+    prefix: bytes
+    base: bytes
+
+    @classmethod
+    def build(cls, route: Route, clock) -> ActiveRoute:
+        return cls(
+            route=route,
+            pool=KeyPool(route.api_keys, clock),
+            table=access.ForwardKeyTable(route.forward_keys),
+            prefix=route.prefix.encode(),
+            base=route.base_url.encode(),
+        )
+
+    def matches(self, path: bytes) -> bool:
+        prefix = self.prefix
+        return not prefix or path == prefix or path.startswith(prefix + b"/")
+
+    def upstream_url(self, uri: bytes) -> bytes:
+        rest = uri[len(self.prefix) :]
+        if not rest.startswith(b"/"):
+            rest = b"/" + rest
+        return self.base + rest
+
+
+def escapes(path: bytes) -> bool:
+    """Whether a path has dot-segments, plain or percent-encoded, that could climb out of a prefix."""
+    if b"." not in path and b"%" not in path and b"\\" not in path:
+        return False
+    decoded = unquote_to_bytes(path).replace(b"\\", b"/")
+    return any(segment in (b".", b"..") for segment in decoded.split(b"/"))
+
+
+def retry_after_seconds(values: list[bytes] | None, now: float) -> float | None:
+    """Parse a Retry-After header: seconds or an HTTP date."""
+    if not values:
+        return None
+    text = values[0].decode("latin-1").strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(text).timestamp() - now)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def describe_failure(reason) -> str:
+    """A short, secret-free phrase for why the upstream could not be reached."""
+    if reason.check(DNSLookupError):
+        return "DNS lookup failed"
+    if reason.check(ConnectError):
+        return reason.value.__class__.__name__.replace("Error", "").lower() or "connect failed"
+    if reason.check(ResponseNeverReceived):
+        return "connection closed before a response"
+    return reason.value.__class__.__name__
+
+
+def send_error(request, error: errors.ProxyError) -> None:
+    """Answer with a proxy-made OpenAI-shaped error, if the client is still there."""
+    if request.finished or request._disconnected:
+        return
+    body = error.body()
+    request.setResponseCode(error.status)
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"content-type", JSON)
+    headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    for name, value in error.headers:
+        headers.setRawHeaders(name, [value])
+    request.write(body)
+    request.finish()
+
+
+class Forwarder:
+    """Everything one daemon shares across requests: routes, access lists, the upstream agent."""
+
+    def __init__(self, config: Config, agent, clock, transcripts: bool | None = None):
+        self.config = config
+        self.agent = agent
+        self.clock = clock
+        self.routes = [ActiveRoute.build(r, clock) for r in sorted(config.routes, key=lambda r: -len(r.prefix))]
+        self.hop_prefix = config.hop_header_prefix.encode()
+        self.transcripts = config.log_chat if transcripts is None else transcripts
+        self.in_flight = 0
+        self.pid = os.getpid()
+
+    def route_for(self, path: bytes) -> ActiveRoute | None:
+        for active in self.routes:
+            if active.matches(path):
+                return active
+        return None
+
+    def handle(self, request) -> None:
+        """Serve one fully received request: locally, with an error, or by forwarding it."""
+        path = request.path
+        if path == b"/healthz":
+            return self.health(request)
+        if not path.startswith(b"/"):
+            return send_error(request, errors.not_found(path.decode("latin-1")))
+        if escapes(path):
+            return send_error(request, errors.bad_path())
+        active = self.route_for(path)
+        if active is None:
+            return send_error(request, errors.not_found(path.decode("latin-1")))
+        config = self.config
+        address = request.getClientAddress()
+        peer = getattr(address, "host", "unix")
+        ip = peer
+        if config.trusted_proxies:
+            ip = access.client_ip(peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for"), config.trusted_proxies)
+        if (config.ip_whitelist or config.ip_blacklist) and not access.ip_allowed(
+            ip, config.ip_whitelist, config.ip_blacklist
+        ):
+            return send_error(request, errors.ip_denied(ip))
+        route = active.route
+        headers = request.requestHeaders
+        credential = None
+        from_api_key = False
+        if route.kind == "azure":
+            api_key = headers.getRawHeaders(b"api-key")
+            if api_key:
+                credential, from_api_key = api_key[0].decode("latin-1").strip() or None, True
+        if credential is None:
+            authorization = headers.getRawHeaders(b"authorization")
+            credential = access.bearer(authorization[0]) if authorization else None
+        decision = access.decide(route, active.table, credential, config.proxy_keys)
+        if decision.error is not None:
+            return send_error(request, decision.error)
+        content = request.content
+        content.seek(0)
+        body = content.read()
+        forward_key = decision.forward_key
+        if forward_key is not None and forward_key.models is not None:
+            model = access.request_model(body, headers.getRawHeaders(b"content-type", [None])[0], path.decode("latin-1"))
+            if not forward_key.allows(model):
+                return send_error(request, errors.model_denied(model))
+        Exchange(self, active, request, decision, body, ip, from_api_key).start()
+
+
+    def health(self, request) -> None:
+        body = json.dumps(
+            {
+                "status": "ok",
+                "pid": self.pid,
+                "in_flight": self.in_flight,
+                "routes": [
+                    {
+                        "prefix": a.route.name,
+                        "base_url": a.route.base_url,
+                        "kind": a.route.kind,
+                        "keys": a.pool.health(),
+                    }
+                    for a in self.routes
+                ],
+            }
+        ).encode()
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"content-type", JSON)
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+        request.write(body)
+        request.finish()
+
+
+class Exchange:
+    """One client request and its upstream attempts, from sending to the last byte relayed."""
+
+    def __init__(self, forwarder: Forwarder, active: ActiveRoute, request, decision, body: bytes, ip, from_api_key):
+        self.forwarder = forwarder
+        self.active = active
+        self.request = request
+        self.decision = decision
+        self.body = body
+        self.ip = ip
+        self.from_api_key = from_api_key
+        self.clock = forwarder.clock
+        self.started = self.clock.seconds()
+        self.key: str | None = None
+        self.tried: set[str] = set()
+        self.pending: defer.Deferred | None = None
+        self.relay: Relay | None = None
+        self.client_gone = False
+        self.done = False
+        self.status = 0
+        self.sent = 0
+        self.transcript = None
+        self.ttfb: float | None = None
+        self.url = active.upstream_url(request.uri)
+        self.headers = self._upstream_headers()
+
+    def _upstream_headers(self) -> list[tuple[bytes, list[bytes]]]:
+        decision = self.decision
+        config = self.forwarder.config
+        substitute = decision.use_pool or bool(config.proxy_keys)
+        headers = request_headers(
+            self.request.requestHeaders.getAllRawHeaders(), self.forwarder.hop_prefix, drop_credentials=substitute
+        )
+        if substitute and decision.client_key is not None:
+            if self.from_api_key:
+                headers.append((b"api-key", [decision.client_key.encode("latin-1")]))
+            else:
+                headers.append((b"authorization", [b"Bearer " + decision.client_key.encode("latin-1")]))
+        if self.forwarder.transcripts and self._start_transcript():
+            headers = [(n, v) for n, v in headers if n != b"accept-encoding"]
+            headers.append((b"accept-encoding", [b"identity"]))
+        return headers
+
+    def _start_transcript(self) -> bool:
+        from fwd.transcript import Transcript, transcript_kind
+
+        path = self.request.path.decode("latin-1")
+        kind = transcript_kind(path)
+        if kind is None:
+            return False
+        ctype = self.request.requestHeaders.getRawHeaders(b"content-type", [b""])[0].decode("latin-1")
+        self.transcript = Transcript(
+            kind=kind,
+            uid=uuid.uuid4().hex,
+            time=time.time(),
+            client=self.ip,
+            caller=self.decision.caller,
+            route=self.active.route.name,
+            path=path,
+            request_body=self.body,
+            request_content_type=ctype or None,
+        )
+        return True
+
+    def start(self) -> None:
+        self.forwarder.in_flight += 1
+        self.request.notifyFinish().addErrback(self._client_lost)
+        self._attempt()
+
+    def _attempt(self) -> None:
+        headers = list(self.headers)
+        if self.decision.use_pool:
+            pool = self.active.pool
+            key = pool.pick(self.tried)
+            if key is None:
+                wait = pool.retry_after()
+                return self._fail(errors.keys_exhausted(wait, rate_limited=not pool.all_disabled()))
+            self.key = key
+            self.tried.add(key)
+            if self.active.route.kind == "azure":
+                headers.append((b"api-key", [key.encode("latin-1")]))
+            else:
+                headers.append((b"authorization", [b"Bearer " + key.encode("latin-1")]))
+        method = self.request.method
+        body = self.body
+        producer = BytesProducer(body) if body or method in (b"POST", b"PUT", b"PATCH") else None
+        forwarder = self.forwarder
+        d = forwarder.agent.request(method, self.url, Headers(dict(headers)), producer)
+        d.addTimeout(forwarder.config.timeout, self.clock)
+        self.pending = d
+        d.addCallbacks(self._response, self._request_failed)
+        d.addErrback(self._unexpected)
+
+    def _response(self, response) -> None:
+        self.pending = None
+        if self.client_gone:
+            response.deliverBody(Discard())
+            return
+        status = response.code
+        key = self.key
+        if key is not None:
+            pool = self.active.pool
+            if status in RETRY_STATUSES:
+                if status == 429:
+                    retry = retry_after_seconds(response.headers.getRawHeaders(b"retry-after"), time.time())
+                    pool.rate_limited(key, retry)
+                else:
+                    pool.rejected(key, status)
+                if len(self.tried) < len(pool):
+                    response.deliverBody(Discard())
+                    return self._attempt()
+            elif status < 400:
+                pool.succeeded(key)
+        self.ttfb = self.clock.seconds()
+        self.status = status
+        request = self.request
+        request.setResponseCode(status, response.phrase)
+        out = request.responseHeaders
+        for name, values in response_headers(response.headers.getAllRawHeaders()):
+            out.setRawHeaders(name, values)
+        content_type = response.headers.getRawHeaders(b"content-type")
+        stream = is_event_stream(content_type)
+        if stream:
+            out.setRawHeaders(b"x-accel-buffering", [b"no"])
+        elif response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+            out.setRawHeaders(b"content-length", [b"%d" % response.length])
+        if self.transcript is not None:
+            self.transcript.response_started(
+                status,
+                content_type[0].decode("latin-1") if content_type else None,
+                (self.ttfb - self.started) * 1000,
+            )
+        self.relay = Relay(self)
+        response.deliverBody(self.relay)
+
+    def _request_failed(self, reason) -> None:
+        self.pending = None
+        if self.client_gone:
+            return
+        base = self.active.route.base_url
+        if reason.check(defer.TimeoutError):
+            error = errors.upstream_timeout(base, self.forwarder.config.timeout)
+        else:
+            error = errors.upstream_unreachable(base, describe_failure(reason))
+        log.warn("upstream {url} failed: {why}", url=base, why=error.message)
+        self._fail(error)
+
+    def _unexpected(self, reason) -> None:
+        log.failure("forwarding failed", reason)
+        if not self.client_gone:
+            self._fail(errors.ProxyError(500, "The proxy failed; see its log.", type="server_error"))
+
+    def _fail(self, error: errors.ProxyError) -> None:
+        self.status = error.status
+        send_error(self.request, error)
+        self._end(partial=False, error=error.message, body=error.body())
+
+    def _client_lost(self, reason) -> None:
+        self.client_gone = True
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.cancel()
+            self._end(partial=True, error="client disconnected")
+        elif self.relay is not None:
+            self.relay.stop()
+
+    def body_done(self, reason) -> None:
+        """The upstream body ended: finish cleanly, or make the client see a broken stream."""
+        request = self.request
+        if not request._disconnected:
+            request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            if not request._disconnected and not request.finished:
+                request.finish()
+            self._end(partial=self.client_gone, error="client disconnected" if self.client_gone else None)
+            return
+        if self.client_gone:
+            self._end(partial=True, error="client disconnected")
+            return
+        why = "upstream went silent" if self.relay is not None and self.relay.timed_out else "upstream connection lost"
+        log.warn("{why} mid-body on {url}; aborting the client connection", why=why, url=self.active.route.base_url)
+        abort(request)
+        self._end(partial=True, error=why)
+
+    def _end(self, *, partial: bool, error: str | None, body: bytes | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        forwarder = self.forwarder
+        forwarder.in_flight -= 1
+        now = self.clock.seconds()
+        if self.transcript is not None:
+            from fwd import chatlog
+
+            transcript = self.transcript
+            if self.ttfb is None:
+                transcript.response_started(self.status, "application/json", (now - self.started) * 1000)
+                if body:
+                    transcript.feed(body)
+            try:
+                chatlog.emit(transcript.finish(partial=partial, error=error, latency_ms=(now - self.started) * 1000))
+            except Exception:
+                log.failure("transcript could not be built")
+        request = self.request
+        accessLog.info(
+            "{client} {method} {path} {status} {bytes} {duration_ms:.0f}ms {caller}",
+            client=self.ip,
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            status=self.status if not partial or self.status else 499,
+            bytes=self.sent,
+            duration_ms=(now - self.started) * 1000,
+            caller=self.decision.caller,
+            route=self.active.route.name,
+        )
+
+
+def abort(request) -> None:
+    """Break the client's connection so a truncated answer never looks complete."""
+    channel = request.channel
+    if channel is None:
+        return
+    abort_stream = getattr(channel, "abortConnection", None)
+    if abort_stream is not None:
+        abort_stream()
+    elif channel.transport is not None:
+        channel.transport.abortConnection()
+
+
+class Discard(Protocol):
+    """Reads and drops a response body so its connection can go back to the pool."""
+
+    def connectionLost(self, reason):
+        pass
+
+
+class Relay(Protocol):
+    """Streams an upstream response body to the client as it arrives, with the client's backpressure."""
+
+    def __init__(self, exchange: Exchange):
+        self.exchange = exchange
+        self.request = exchange.request
+        self.transcript = exchange.transcript
+        self.timed_out = False
+        self.idle = None
+
+    def connectionMade(self):
+        exchange = self.exchange
+        if exchange.client_gone:
+            self.transport.stopProducing()
+            return
+        self.request.registerProducer(self.transport, True)
+        self.idle = exchange.clock.callLater(exchange.forwarder.config.idle_timeout, self._silent)
+
+    def dataReceived(self, data):
+        if self.exchange.client_gone:
+            return
+        self.request.write(data)
+        self.exchange.sent += len(data)
+        if self.transcript is not None:
+            self.transcript.feed(data)
+        self.idle.reset(self.exchange.forwarder.config.idle_timeout)
+
+    def connectionLost(self, reason):
+        if self.idle is not None and self.idle.active():
+            self.idle.cancel()
+        self.exchange.body_done(reason)
+
+    def _silent(self):
+        self.timed_out = True
+        self.stop()
+
+    def stop(self):
+        """Stop reading the upstream body and close its connection."""
+        if self.idle is not None and self.idle.active():
+            self.idle.cancel()
+        if self.transport is not None:
+            self.transport.stopProducing()

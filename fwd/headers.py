@@ -1,0 +1,72 @@
+"""Which headers cross the proxy in each direction.  Tests: tests/test_headers.py
+
+End-to-end headers pass; hop-by-hop headers, those named in `Connection`, and the client's credentials (when
+the proxy substitutes a pool key) do not.  Names are lower-case bytes throughout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"http2-settings",
+    }
+)
+# Set by the upstream agent itself, or meaningless past this hop.
+REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+RESPONSE_DROP = HOP_BY_HOP
+CREDENTIALS = frozenset({b"authorization", b"api-key"})
+
+
+def connection_tokens(values: list[bytes] | None) -> frozenset[bytes]:
+    """Header names listed in `Connection`, which are hop-by-hop for this message."""
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
+
+
+def request_headers(
+    headers: Iterable[tuple[bytes, list[bytes]]],
+    hop_prefix: bytes = b"",
+    drop_credentials: bool = False,
+) -> list[tuple[bytes, list[bytes]]]:
+    """The client's headers to send upstream."""
+    headers = [(name.lower(), values) for name, values in headers]
+    drop = REQUEST_DROP
+    for name, values in headers:
+        if name == b"connection":
+            drop = drop | connection_tokens(values)
+            break
+    if drop_credentials:
+        drop = drop | CREDENTIALS
+    return [
+        (name, values)
+        for name, values in headers
+        if name not in drop and not (hop_prefix and name.startswith(hop_prefix))
+    ]
+
+
+def response_headers(headers: Iterable[tuple[bytes, list[bytes]]]) -> list[tuple[bytes, list[bytes]]]:
+    """The upstream's headers to send to the client."""
+    headers = [(name.lower(), values) for name, values in headers]
+    drop = RESPONSE_DROP
+    for name, values in headers:
+        if name == b"connection":
+            drop = drop | connection_tokens(values)
+            break
+    return [(name, values) for name, values in headers if name not in drop]
+
+
+def is_event_stream(content_type: list[bytes] | None) -> bool:
+    return bool(content_type) and content_type[0].split(b";", 1)[0].strip().lower() == b"text/event-stream"

@@ -1,0 +1,130 @@
+"""The pool of upstream keys: even rotation, cooldown on 429, disabling on 401/403.  Tests: tests/test_keys.py
+
+Pure logic: time comes from an injected clock (anything with `seconds()`, e.g. the reactor or a task.Clock),
+state changes are reported through a twisted.logger Logger with masked keys only.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.logger import Logger
+
+from fwd.config import mask
+
+FIRST_BACKOFF = 1.0
+MAX_BACKOFF = 60.0
+REPROBE_AFTER = 300.0
+MAX_RETRY_AFTER = 3600.0
+
+
+@attrs.define
+class KeyState:
+    """What the pool knows about one upstream key."""
+
+    key: str = attrs.field(repr=False)
+    available_at: float = 0.0
+    failures: int = 0
+    disabled: bool = False
+
+    @property
+    def masked(self) -> str:
+        return mask(self.key)
+
+
+@attrs.define
+class KeyPool:
+    """Hands out upstream keys round-robin, skipping keys that cool down or were rejected."""
+
+    keys: tuple[str, ...] = attrs.field(repr=False)
+    clock: object
+    log: Logger = attrs.field(factory=lambda: Logger(namespace="fwd.keys"))
+    _states: list[KeyState] = attrs.field(init=False)
+    _next: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        self._states = [KeyState(key) for key in self.keys]
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def pick(self, exclude: frozenset[str] | set[str] = frozenset()) -> str | None:
+        """The next usable key after the last one handed out, or None when every key rests."""
+        now = self.clock.seconds()
+        count = len(self._states)
+        for step in range(count):
+            state = self._states[(self._next + step) % count]
+            if state.available_at <= now and state.key not in exclude:
+                self._next = (self._next + step + 1) % count
+                return state.key
+        return None
+
+    def retry_after(self) -> float:
+        """Seconds until some key is usable again."""
+        now = self.clock.seconds()
+        return max(0.0, min((s.available_at for s in self._states), default=0.0) - now)
+
+    def all_disabled(self) -> bool:
+        return all(s.disabled for s in self._states)
+
+    def rate_limited(self, key: str, retry_after: float | None) -> None:
+        """The upstream said 429 for this key: rest it for Retry-After, else a doubling backoff."""
+        state = self._state(key)
+        if state is None:
+            return
+        state.failures += 1
+        if retry_after is None:
+            pause = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (state.failures - 1))
+        else:
+            pause = min(MAX_RETRY_AFTER, max(0.0, retry_after))
+        state.available_at = self.clock.seconds() + pause
+        self.log.warn("key {key} rate limited, resting {pause:.0f} s", key=state.masked, pause=pause)
+
+    def rejected(self, key: str, status: int) -> None:
+        """The upstream refused this key (401/403): disable it, to be tried again much later."""
+        state = self._state(key)
+        if state is None:
+            return
+        state.failures += 1
+        state.disabled = True
+        state.available_at = self.clock.seconds() + REPROBE_AFTER
+        self.log.error(
+            "key {key} rejected by the upstream ({status}), disabled; retried in {pause:.0f} s",
+            key=state.masked,
+            status=status,
+            pause=REPROBE_AFTER,
+        )
+
+    def succeeded(self, key: str) -> None:
+        """The upstream accepted this key: forget its failures."""
+        state = self._state(key)
+        if state is None or not (state.failures or state.disabled):
+            return
+        if state.disabled:
+            self.log.info("key {key} accepted again, enabled", key=state.masked)
+        state.failures = 0
+        state.disabled = False
+
+    def health(self) -> dict:
+        """Counts of keys by state, safe to publish."""
+        now = self.clock.seconds()
+        counts = {"available": 0, "cooling": 0, "disabled": 0}
+        for state in self._states:
+            counts[self._status(state, now)] += 1
+        return counts
+
+    def states(self) -> list[tuple[str, str]]:
+        """(masked key, state) pairs for metrics."""
+        now = self.clock.seconds()
+        return [(s.masked, self._status(s, now)) for s in self._states]
+
+    @staticmethod
+    def _status(state: KeyState, now: float) -> str:
+        if state.disabled:
+            return "disabled"
+        return "cooling" if state.available_at > now else "available"
+
+    def _state(self, key: str) -> KeyState | None:
+        for state in self._states:
+            if state.key == key:
+                return state
+        return None

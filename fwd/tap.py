@@ -1,0 +1,67 @@
+"""The twistd plugin: `twistd -n openai-forward [options]` builds the daemon's service.  Tests: tests/test_tap.py"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application import service, strports
+from twisted.logger import Logger
+from twisted.python import usage
+
+from fwd import config as configuration
+
+log = Logger(namespace="fwd.startup")
+
+
+class Options(usage.Options):
+    """Command-line options; each also reads its environment variable (see README)."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Forward OpenAI API traffic to an OpenAI-compatible upstream, streaming responses as they arrive. "
+        "Every option also reads the environment variable named in its help, and `.env` in the working directory."
+    )
+    optParameters = [
+        [s.name, None, None, f"{s.help} (env {' / '.join(s.envs)}, default {s.default or 'none'})"]
+        for s in configuration.SETTINGS
+        if s.name not in ("port", "log-chat")
+    ] + [["config", "c", None, "TOML file with [[route]] tables and any of the settings above"]]
+    optFlags = [["log-chat", None, "Keep chat transcripts in LOG_DIR/chat.jsonl (env LOG_CHAT)"]]
+
+    def __init__(self):
+        super().__init__()
+        self["port"] = []
+
+    def opt_port(self, endpoint):
+        """Endpoint to listen on, repeatable: tcp:8000, ssl:8443:privateKey=k.pem:certKey=c.pem, unix:/path, or a
+        bare number for tcp (env PORT / OXY_PORT, default tcp:8000)"""
+        self["port"].append(endpoint)
+
+    def opt_listen(self, endpoint):
+        """The same as --port"""
+        self.opt_port(endpoint)
+
+    def postOptions(self):
+        cli = {key.replace("-", "_"): value for key, value in self.items() if key != "config"}
+        cli["log_chat"] = True if self["log-chat"] else None
+        try:
+            self.config = configuration.load(cli, config_file=self["config"])
+        except configuration.ConfigError as e:
+            fail(e)
+
+
+def fail(problem: object) -> None:
+    """Stop startup with one line that says what to fix."""
+    sys.stderr.write(f"openai-forward: {problem}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
+def makeService(options) -> service.MultiService:
+    """Build the daemon: one listener per --port around a Forwarder sharing one upstream connection pool."""
+    from fwd.daemon import build_service
+
+    try:
+        return build_service(options.config)
+    except configuration.ConfigError as e:
+        fail(e)
