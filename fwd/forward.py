@@ -268,7 +268,7 @@ class Exchange:
                 headers.append((b"api-key", [decision.client_key.encode("latin-1")]))
             else:
                 headers.append((b"authorization", [b"Bearer " + decision.client_key.encode("latin-1")]))
-        if self.forwarder.transcripts and self._start_transcript():
+        if self.forwarder.transcripts and self.request.method == b"POST" and self._start_transcript():
             headers = [(n, v) for n, v in headers if n != b"accept-encoding"]
             headers.append((b"accept-encoding", [b"identity"]))
         return headers

@@ -1,0 +1,133 @@
+"""Transcripts on twisted.logger: one event per exchange, written to LOG_DIR/chat.jsonl by their own observer.
+
+Transcripts travel on their own namespace. ``TranscriptService`` adds a ``TranscriptFile`` observer
+to the global log publisher while it runs. Wrap the main log observer as
+``FilteringLogObserver(observer, [notTranscripts])`` so it does not repeat them; unfiltered, a text
+log shows only the short line ``transcript <uid>``, never the content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+from twisted.application import service
+from twisted.logger import ILogObserver, LogEvent, Logger, LogPublisher, PredicateResult, globalLogPublisher
+from twisted.python.logfile import LogFile
+from zope.interface import implementer
+
+TRANSCRIPT_NAMESPACE = "fwd.transcript"
+TRANSCRIPT_FILENAME = "chat.jsonl"
+
+transcriptLog = Logger(namespace=TRANSCRIPT_NAMESPACE)
+_log = Logger(namespace="fwd.chatlog")
+
+
+def emit(record: dict[str, Any]) -> None:
+    """Publish one finished transcript record as a single log event.
+
+    Its format is empty, so twistd's text log writes no line for it: transcripts go to chat.jsonl only.
+    """
+    transcriptLog.info("", transcript=record, transcript_uid=record.get("uid"))
+
+
+def notTranscripts(event: LogEvent) -> PredicateResult:
+    """Filter predicate for the main log observer: drop transcript events, let everything else through."""
+    if event.get("log_namespace") == TRANSCRIPT_NAMESPACE:
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
+def check_log_dir(path: str) -> str | None:
+    """Create LOG_DIR if missing and prove it writable; return a one-line problem, or None when fine."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"LOG_DIR {path} is not a directory"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return f"LOG_DIR {path} cannot be created: {e.strerror or e}"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return f"LOG_DIR {path} is not writable: {e.strerror or e}"
+    return None
+
+
+@implementer(ILogObserver)
+class TranscriptFile:
+    """Log observer appending each transcript event as one JSON line, flushed per record, rotated by size."""
+
+    def __init__(
+        self,
+        directory: str,
+        rotate_length: int = 50 * 1024 * 1024,
+        max_rotated: int = 10,
+        name: str = TRANSCRIPT_FILENAME,
+    ) -> None:
+        # Opening happens here, at startup: a bad directory fails loudly now, never per record later.
+        self._file = LogFile(name, directory, rotateLength=rotate_length, maxRotatedFiles=max_rotated)
+        self.path = self._file.path
+        self.written = 0
+        self.write_errors = 0
+
+    def __call__(self, event: LogEvent) -> None:
+        """Write the event's record if it is a transcript; ignore every other event."""
+        if event.get("log_namespace") != TRANSCRIPT_NAMESPACE:
+            return
+        record = event.get("transcript")
+        if not isinstance(record, dict):
+            return
+        try:
+            line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
+            # Bytes, so LogFile's size count (and so rotation) is in bytes, not characters.
+            self._file.write(line.encode("utf-8", "replace"))
+            self._file.flush()
+            self.written += 1
+        except Exception as e:
+            self.write_errors += 1
+            if self.write_errors == 1:
+                _log.error(
+                    "cannot write transcripts to {path}: {problem}; further failures are only counted",
+                    path=self.path,
+                    problem=str(e),
+                )
+
+    def close(self) -> None:
+        """Close the file (on service stop)."""
+        if not self._file.closed:
+            self._file.close()
+
+
+class TranscriptService(service.Service):
+    """Writes transcripts to DIRECTORY/chat.jsonl while the daemon runs."""
+
+    def __init__(
+        self,
+        directory: str,
+        rotate_length: int = 50 * 1024 * 1024,
+        max_rotated: int = 10,
+        publisher: LogPublisher | None = None,
+    ) -> None:
+        self.directory = directory
+        self.rotate_length = rotate_length
+        self.max_rotated = max_rotated
+        self.publisher = globalLogPublisher if publisher is None else publisher
+        self.observer: TranscriptFile | None = None
+
+    def startService(self) -> None:
+        """Open the file and start observing."""
+        self.observer = TranscriptFile(self.directory, self.rotate_length, self.max_rotated)
+        self.publisher.addObserver(self.observer)
+        super().startService()
+
+    def stopService(self) -> None:
+        """Stop observing and close the file."""
+        super().stopService()
+        if self.observer is not None:
+            self.publisher.removeObserver(self.observer)
+            self.observer.close()
+            self.observer = None

@@ -1,0 +1,562 @@
+"""Assembly of one exchange's transcript record from the request body and the relayed response chunks."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+from fwd.sse import SSEParser
+
+_KINDS = (
+    ("/chat/completions", "chat"),
+    ("/completions", "completions"),
+    ("/responses", "responses"),
+    ("/embeddings", "embeddings"),
+)
+
+_ERROR_SNIPPET = 1000
+_SSE_LINE_LIMIT = 1_048_576
+_EMBEDDING_MARK = b'"index"'
+_USAGE_TAIL = 4096
+_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+
+
+def transcript_kind(path: str) -> str | None:
+    """Which transcript a request path gets ('chat', 'completions', 'responses', 'embeddings'), or None."""
+    path = path.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    for suffix, kind in _KINDS:
+        if path.endswith(suffix):
+            return kind
+    return None
+
+
+def _iso_utc(when: float) -> str:
+    """Render a Unix time as ISO-8601 UTC with milliseconds."""
+    stamp = datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+def _is_event_stream(content_type: str | None) -> bool:
+    """Whether a Content-Type header names an SSE stream."""
+    if not content_type:
+        return False
+    return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+
+
+def _upstream_error(body: bytes, status: int) -> str:
+    """The message of an upstream error body: OpenAI's error.message, else the start of the body."""
+    try:
+        parsed = json.loads(body)
+    except _JSON_ERRORS:
+        parsed = None
+    if isinstance(parsed, dict):
+        err = parsed.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
+        if isinstance(err, str):
+            return err
+    text = body.decode("utf-8", "replace").strip()[:_ERROR_SNIPPET]
+    return text or f"upstream returned HTTP {status}"
+
+
+_JSON_ERRORS = (ValueError, TypeError, RecursionError)
+
+
+def _index(value: Any, default: int) -> int:
+    """A choice or tool-call index, falling back when a server sends something odd."""
+    return value if isinstance(value, int) else default
+
+
+class _Budget:
+    """Characters of assembled text still allowed in the record, shared by every choice and tool call."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self.cut = False
+
+    def take(self, pieces: list[str], text: str) -> None:
+        """Append text to pieces, cutting it once the budget is spent."""
+        if len(text) <= self.left:
+            pieces.append(text)
+            self.left -= len(text)
+            return
+        if self.left > 0:
+            pieces.append(text[: self.left])
+            self.left = 0
+        self.cut = True
+
+
+class _Choice:
+    """One choice (or one Responses output) being assembled from stream deltas."""
+
+    def __init__(self) -> None:
+        self.role: str | None = None
+        self.content: list[str] | None = None
+        self.tools: dict[int, dict[str, Any]] = {}
+        self.tool_args: dict[int, list[str]] = {}
+        self.function_call: dict[str, Any] | None = None
+        self.function_args: list[str] = []
+        self.finish_reason: str | None = None
+
+    def add_text(self, text: Any, budget: _Budget) -> None:
+        """Append a content/text delta exactly as relayed."""
+        if not isinstance(text, str):
+            return
+        if self.content is None:
+            self.content = []
+        budget.take(self.content, text)
+
+    def add_tool_call(self, delta: dict[str, Any], budget: _Budget, default_index: int = 0) -> None:
+        """Fold one tool-call delta in: identity from the index's first delta, arguments concatenated."""
+        index = _index(delta.get("index"), default_index)
+        fn = delta.get("function") or {}
+        if not isinstance(fn, dict):
+            fn = {}
+        call = self.tools.get(index)
+        if call is None:
+            call = self.tools[index] = {
+                "id": delta.get("id"),
+                "type": delta.get("type") or "function",
+                "function": {"name": fn.get("name"), "arguments": ""},
+            }
+            self.tool_args[index] = []
+        else:
+            # Some servers send the name/id only on a later delta.
+            if call["id"] is None and delta.get("id"):
+                call["id"] = delta["id"]
+            if call["function"]["name"] is None and fn.get("name"):
+                call["function"]["name"] = fn["name"]
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            budget.take(self.tool_args[index], args)
+
+    def add_function_call(self, delta: dict[str, Any], budget: _Budget) -> None:
+        """Fold a legacy `function_call` delta in."""
+        if self.function_call is None:
+            self.function_call = {"name": delta.get("name"), "arguments": ""}
+        elif self.function_call["name"] is None and delta.get("name"):
+            self.function_call["name"] = delta["name"]
+        args = delta.get("arguments")
+        if isinstance(args, str):
+            budget.take(self.function_args, args)
+
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        """The assembled tool calls in index order, or None when there were none."""
+        if not self.tools:
+            return None
+        calls = []
+        for index in sorted(self.tools):
+            call = self.tools[index]
+            call["function"]["arguments"] = "".join(self.tool_args[index])
+            calls.append(call)
+        return calls
+
+    def message(self, kind: str) -> dict[str, Any]:
+        """The response shape for this choice."""
+        content = None if self.content is None else "".join(self.content)
+        if kind == "completions":
+            return {"text": content, "finish_reason": self.finish_reason}
+        out = {
+            "role": self.role or "assistant",
+            "content": content,
+            "tool_calls": self.tool_calls(),
+            "finish_reason": self.finish_reason,
+        }
+        if self.function_call is not None:
+            self.function_call["arguments"] = "".join(self.function_args)
+            out["function_call"] = self.function_call
+        return out
+
+
+class Transcript:
+    """One exchange's transcript: fed the response as it is relayed, it yields the record dict at finish."""
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        uid: str,
+        time: float,
+        client: str,
+        caller: str,
+        route: str,
+        path: str,
+        request_body: bytes,
+        request_content_type: str | None,
+        limit: int = 1_048_576,
+    ) -> None:
+        self.kind = kind
+        self.uid = uid
+        self.time = time
+        self.client = client
+        self.caller = caller
+        self.route = route
+        self.path = path
+        self.request_body = request_body
+        self.request_content_type = request_content_type
+        self.limit = limit
+        self.status: int | None = None
+        self.ttfb_ms: float | None = None
+        self._mode = "plain"
+        self._body = bytearray()
+        self._body_size = 0
+        self._body_cut = False
+        self._parser: SSEParser | None = None
+        self._budget = _Budget(limit)
+        self._choices: dict[int, _Choice] = {}
+        self._usage: Any = None
+        self._model: str | None = None
+        self._stream_error: str | None = None
+        self._events = 0
+        self._bad_events = 0
+        self._done = False
+        self._failure: str | None = None
+        # Embeddings bodies are mostly vectors: count items on the fly so an oversized body still gives a count.
+        self._embeddings = 0
+        self._carry = b""
+        self._tail = b""
+
+    def response_started(self, status: int, content_type: str | None, ttfb_ms: float) -> None:
+        """Note the upstream status and headers' arrival; choose how the body will be read."""
+        if not isinstance(status, int):
+            return
+        self.status = status
+        self.ttfb_ms = ttfb_ms
+        if status >= 400:
+            self._mode = "error"
+        elif _is_event_stream(content_type):
+            self._mode = "sse"
+            # One event line can carry more than a small content limit; the parser bound is about memory only.
+            self._parser = SSEParser(max_line=max(self.limit, _SSE_LINE_LIMIT))
+        elif self.kind == "embeddings":
+            self._mode = "embeddings"
+        else:
+            self._mode = "plain"
+
+    def feed(self, chunk: bytes) -> None:
+        """Take one relayed body chunk."""
+        try:
+            self._feed(chunk)
+        except Exception as e:
+            # Whatever upstream sends, the transcript must never break the relay: stop assembling instead.
+            self._mode = "failed"
+            self._failure = f"transcript assembly failed: {e!r}"
+
+    def _feed(self, chunk: bytes) -> None:
+        """Route one chunk to the stream parser or the bounded body buffer."""
+        if self._mode == "failed":
+            return
+        if self._mode == "sse":
+            self._body_size += len(chunk)
+            if self._done:
+                return
+            for event in self._parser.feed(chunk):
+                self._on_event(event.data)
+            return
+        if self._mode == "embeddings":
+            # A mark split across chunks lies within the previous chunk's last 6 bytes plus this one's first 6.
+            edge = len(_EMBEDDING_MARK) - 1
+            self._embeddings += chunk.count(_EMBEDDING_MARK) + (self._carry + chunk[:edge]).count(_EMBEDDING_MARK)
+            self._carry = (self._carry + chunk)[-edge:]
+            self._tail = (self._tail + chunk)[-_USAGE_TAIL:] if len(chunk) < _USAGE_TAIL else chunk[-_USAGE_TAIL:]
+        self._body_size += len(chunk)
+        room = self.limit - len(self._body)
+        if len(chunk) <= room:
+            self._body += chunk
+        else:
+            if room > 0:
+                self._body += chunk[:room]
+            self._body_cut = True
+
+    # -- streams ---------------------------------------------------------------------------------------
+
+    def _on_event(self, data: str) -> None:
+        """Fold one SSE event into the assembly."""
+        self._events += 1
+        if data == "[DONE]":
+            self._done = True
+            return
+        try:
+            obj = json.loads(data)
+        except _JSON_ERRORS:
+            self._bad_events += 1
+            return
+        if not isinstance(obj, dict):
+            self._bad_events += 1
+            return
+        if self.kind == "responses":
+            self._on_responses_event(obj)
+            return
+        if self._model is None and isinstance(obj.get("model"), str):
+            self._model = obj["model"]
+        usage = obj.get("usage")
+        if usage:
+            self._usage = usage
+        err = obj.get("error")
+        if err:
+            self._stream_error = err.get("message") if isinstance(err, dict) else str(err)
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            return
+        budget = self._budget
+        for ch in choices:
+            if not isinstance(ch, dict):
+                continue
+            index = _index(ch.get("index"), 0)
+            state = self._choices.get(index)
+            if state is None:
+                state = self._choices[index] = _Choice()
+            if self.kind == "completions":
+                state.add_text(ch.get("text"), budget)
+            else:
+                delta = ch.get("delta")
+                if isinstance(delta, dict):
+                    role = delta.get("role")
+                    if role:
+                        state.role = role
+                    state.add_text(delta.get("content"), budget)
+                    tool_calls = delta.get("tool_calls")
+                    if isinstance(tool_calls, list):
+                        for n, tc in enumerate(tool_calls):
+                            if isinstance(tc, dict):
+                                state.add_tool_call(tc, budget, n)
+                    fc = delta.get("function_call")
+                    if isinstance(fc, dict):
+                        state.add_function_call(fc, budget)
+                elif "text" in ch:
+                    state.add_text(ch.get("text"), budget)
+            reason = ch.get("finish_reason")
+            if reason:
+                state.finish_reason = reason
+
+    def _on_responses_event(self, obj: dict[str, Any]) -> None:
+        """Fold one Responses API stream event into the assembly."""
+        kind = obj.get("type")
+        state = self._choices.get(0)
+        if state is None:
+            state = self._choices[0] = _Choice()
+            state.role = "assistant"
+        if kind == "response.output_text.delta":
+            state.add_text(obj.get("delta"), self._budget)
+        elif kind == "response.output_item.added":
+            item = obj.get("item")
+            if isinstance(item, dict) and item.get("type") == "function_call":
+                state.add_tool_call(
+                    {
+                        "index": obj.get("output_index", 0),
+                        "id": item.get("call_id") or item.get("id"),
+                        "type": "function",
+                        "function": {"name": item.get("name"), "arguments": item.get("arguments") or ""},
+                    },
+                    self._budget,
+                )
+        elif kind == "response.function_call_arguments.delta":
+            state.add_tool_call(
+                {"index": obj.get("output_index", 0), "function": {"arguments": obj.get("delta")}}, self._budget
+            )
+        elif kind in ("response.created", "response.in_progress", "response.completed",
+                      "response.incomplete", "response.failed"):
+            resp = obj.get("response")
+            if isinstance(resp, dict):
+                if self._model is None and isinstance(resp.get("model"), str):
+                    self._model = resp["model"]
+                if resp.get("usage"):
+                    self._usage = resp["usage"]
+                if kind != "response.created" and kind != "response.in_progress":
+                    state.finish_reason = resp.get("status")
+                    self._done = True
+                err = resp.get("error")
+                if isinstance(err, dict) and err.get("message"):
+                    self._stream_error = err["message"]
+        elif kind == "error":
+            msg = obj.get("message")
+            if not msg and isinstance(obj.get("error"), dict):
+                msg = obj["error"].get("message")
+            self._stream_error = msg or "error event in stream"
+
+    # -- plain bodies ----------------------------------------------------------------------------------
+
+    def _parse_plain(self, body: Any) -> dict[str, Any] | None:
+        """The response shape of a complete JSON body, also noting model and usage."""
+        if not isinstance(body, dict):
+            return None
+        if isinstance(body.get("model"), str):
+            self._model = body["model"]
+        self._usage = body.get("usage")
+        if self.kind == "embeddings":
+            data = body.get("data")
+            return {"count": len(data) if isinstance(data, list) else 0}
+        if self.kind == "responses":
+            return self._responses_body(body)
+        choices = body.get("choices")
+        if not isinstance(choices, list):
+            return None
+        out = []
+        for ch in choices:
+            if not isinstance(ch, dict):
+                continue
+            if self.kind == "completions":
+                shaped = {"text": ch.get("text"), "finish_reason": ch.get("finish_reason")}
+            else:
+                msg = ch.get("message")
+                if not isinstance(msg, dict):
+                    msg = {}
+                shaped = {
+                    "role": msg.get("role", "assistant"),
+                    "content": msg.get("content"),
+                    "tool_calls": msg.get("tool_calls"),
+                    "finish_reason": ch.get("finish_reason"),
+                }
+                if msg.get("function_call") is not None:
+                    shaped["function_call"] = msg["function_call"]
+            out.append((_index(ch.get("index"), len(out)), shaped))
+        return self._with_choices(out)
+
+    def _responses_body(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The response shape of a complete Responses API object."""
+        texts: list[str] = []
+        calls: list[dict[str, Any]] = []
+        output = body.get("output")
+        for item in output if isinstance(output, list) else []:
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "message":
+                parts = item.get("content")
+                for part in parts if isinstance(parts, list) else []:
+                    if isinstance(part, dict) and part.get("type") == "output_text":
+                        texts.append(part.get("text") or "")
+            elif item.get("type") == "function_call":
+                calls.append({
+                    "id": item.get("call_id") or item.get("id"),
+                    "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+                })
+        if not texts and isinstance(body.get("output_text"), str):
+            texts.append(body["output_text"])
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            self._stream_error = err["message"]
+        return {
+            "role": "assistant",
+            "content": "".join(texts) if texts else None,
+            "tool_calls": calls or None,
+            "finish_reason": body.get("status"),
+        }
+
+    @staticmethod
+    def _with_choices(shaped: list[tuple[Any, dict[str, Any]]]) -> dict[str, Any] | None:
+        """Choice 0 as the response, with every choice listed when there are several."""
+        if not shaped:
+            return None
+        shaped.sort(key=lambda pair: pair[0])
+        first = dict(shaped[0][1])
+        if len(shaped) > 1:
+            first["choices"] = [dict(s, index=i) for i, s in shaped]
+        return first
+
+    # -- the record ------------------------------------------------------------------------------------
+
+    def _request(self) -> tuple[Any, str | None]:
+        """The parsed request body, or None with a note when it is not JSON."""
+        try:
+            return json.loads(self.request_body), None
+        except _JSON_ERRORS:
+            return None, "request body is not JSON"
+
+    def finish(self, *, partial: bool, error: str | None, latency_ms: float) -> dict[str, Any]:
+        """Build the record; never raises on what the client or upstream sent."""
+        request, request_problem = self._request()
+        problems = [request_problem] if request_problem else []
+        try:
+            response, own_error, truncated = self._response(partial, problems)
+        except Exception as e:
+            response, own_error, truncated = None, None, False
+            self._failure = f"transcript assembly failed: {e!r}"
+        if self._failure:
+            problems.append(self._failure)
+
+        model = None
+        stream = self._mode == "sse"
+        if isinstance(request, dict):
+            if isinstance(request.get("model"), str):
+                model = request["model"]
+            stream = request.get("stream") is True
+        if model is None:
+            model = self._model
+
+        errors = [e for e in (error, own_error) if e]
+        return {
+            "uid": self.uid,
+            "time": _iso_utc(self.time),
+            "client": self.client,
+            "caller": self.caller,
+            "route": self.route,
+            "path": self.path,
+            "model": model,
+            "stream": stream,
+            "request": request,
+            "response": response,
+            "usage": self._usage if self._mode != "error" else None,
+            "status": self.status,
+            "partial": bool(partial),
+            "error": "; ".join(errors) if errors else None,
+            "latency_ms": round(latency_ms, 3),
+            "ttfb_ms": None if self.ttfb_ms is None else round(self.ttfb_ms, 3),
+            "truncated": truncated,
+            "parse_error": "; ".join(problems) if problems else None,
+        }
+
+    def _response(self, partial: bool, problems: list[str]) -> tuple[dict[str, Any] | None, str | None, bool]:
+        """The response shape, the upstream's own error and the truncation flag; appends to problems."""
+        own_error: str | None = None
+        response: dict[str, Any] | None = None
+        truncated = False
+        body = bytes(self._body)
+
+        if self._mode == "error":
+            own_error = _upstream_error(body, self.status or 0)
+        elif self._mode == "sse":
+            truncated = self._budget.cut
+            if self._choices:
+                response = self._with_choices([(i, c.message(self.kind)) for i, c in self._choices.items()])
+            if self._bad_events:
+                problems.append(f"{self._bad_events} of {self._events} stream events were not JSON")
+            elif not self._events and self._body_size:
+                problems.append("response stream had no events")
+            if self._parser.dropped:
+                truncated = True
+                problems.append(f"{self._parser.dropped} over-long stream lines dropped")
+            own_error = self._stream_error
+        elif self._mode == "failed" or self.status is None:
+            pass
+        elif self._body_cut:
+            if self._mode == "embeddings":
+                response = {"count": self._embeddings}
+                usage = _USAGE_RE.search(self._tail)
+                if usage:
+                    try:
+                        self._usage = json.loads(usage.group(1))
+                    except _JSON_ERRORS:
+                        pass
+                model = _MODEL_RE.search(body)
+                if model:
+                    self._model = model.group(1).decode("utf-8", "replace")
+            else:
+                truncated = True
+                problems.append(
+                    f"response body of {self._body_size} bytes exceeds the {self.limit}-byte limit; not parsed"
+                )
+        elif body or not partial:
+            try:
+                parsed = json.loads(body)
+            except _JSON_ERRORS:
+                parsed = None
+                problems.append("response body is not JSON")
+            if parsed is not None:
+                response = self._parse_plain(parsed)
+                if response is None:
+                    problems.append("response body is not a recognised response object")
+        return response, own_error, truncated
