@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.application import service, strports
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from fwd import config as configuration
 from fwd.forward import Forwarder
@@ -16,6 +16,12 @@ MAX_PERSISTENT_PER_HOST = 256
 IDLE_CONNECTION_SECONDS = 60
 
 
+class QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's connection factory, without a log line per new upstream connection."""
+
+    noisy = False
+
+
 class UpstreamPool(service.Service):
     """The persistent upstream connections, closed when the daemon stops."""
 
@@ -23,7 +29,7 @@ class UpstreamPool(service.Service):
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
         self.pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
-        self.pool.retryAutomatically = False
+        self.pool._factory = QuietClientFactory
 
     def stopService(self):
         super().stopService()

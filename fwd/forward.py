@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python import failure
 from twisted.web.client import ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -318,10 +319,14 @@ class Exchange:
         producer = BytesProducer(body) if body or method in (b"POST", b"PUT", b"PATCH") else None
         forwarder = self.forwarder
         d = forwarder.agent.request(method, self.url, Headers(dict(headers)), producer)
-        d.addTimeout(forwarder.config.timeout, self.clock)
+        d.addTimeout(forwarder.config.timeout, self.clock, onTimeoutCancel=self._timed_out)
         self.pending = d
         d.addCallbacks(self._response, self._request_failed)
         d.addErrback(self._unexpected)
+
+    @staticmethod
+    def _timed_out(result, timeout):
+        return failure.Failure(defer.TimeoutError(f"no response headers within {timeout} s"))
 
     def _response(self, response) -> None:
         self.pending = None
@@ -338,9 +343,8 @@ class Exchange:
                     pool.rate_limited(key, retry)
                 else:
                     pool.rejected(key, status)
-                if len(self.tried) < len(pool):
-                    response.deliverBody(Discard())
-                    return self._attempt()
+                response.deliverBody(Discard())
+                return self._attempt()
             elif status < 400:
                 pool.succeeded(key)
         self.ttfb = self.clock.seconds()
