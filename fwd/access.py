@@ -112,10 +112,11 @@ def decide(
         if credential is None:
             return Decision(False, error=errors.bad_proxy_key())
         credential = credential or None
+    if route.no_auth:
+        # The seeds' no-auth mode: whatever the client sends (SDKs insist on some key), the pool serves it.
+        return ANONYMOUS_POOL
     if credential is None:
-        if route.forward_keys:
-            return Decision(False, error=errors.missing_key())
-        return ANONYMOUS_POOL if route.api_keys else NO_KEY
+        return Decision(False, error=errors.missing_key()) if route.forward_keys else NO_KEY
     if credential.startswith("fk-"):
         forward_key = table.find(credential)
         if forward_key is None:
@@ -136,25 +137,55 @@ def bearer(value: bytes | None) -> str | None:
     return token.strip() or None
 
 
-_MULTIPART_MODEL = re.compile(
-    rb'content-disposition:[^\r\n]*\bname="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n', re.IGNORECASE
-)
+_BOUNDARY = re.compile(rb'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+_MODEL_PART = re.compile(rb'^content-disposition:[^\r\n]*[;\s]name=("?)model\1(?=[;\s]|$)', re.IGNORECASE | re.MULTILINE)
 _AZURE_DEPLOYMENT = re.compile(r"/deployments/([^/?]+)")
 
 
+class _JSONObject(dict):
+    """A JSON object that remembers every value given under any spelling of "model" (duplicates included)."""
+
+    def __init__(self, pairs):
+        super().__init__(pairs)
+        self.models = [value for name, value in pairs if name.casefold() == "model"]
+
+
+def _multipart_models(body: bytes, content_type: bytes) -> list[str]:
+    """The values of every `model` field, found part by part between the boundaries."""
+    match = _BOUNDARY.search(content_type)
+    if not match:
+        return []
+    delimiter = b"\r\n--" + (match.group(1) or match.group(2))
+    models = []
+    for part in (b"\r\n" + body).split(delimiter)[1:]:
+        if part.startswith(b"--"):
+            break
+        head, sep, value = part.partition(b"\r\n\r\n")
+        if sep and _MODEL_PART.search(head):
+            models.append(value.decode("utf-8", "replace"))
+    return models
+
+
 def request_model(body: bytes, content_type: bytes | None, path: str) -> str | None:
-    """The model a request asks for: `model` in a JSON or multipart body, or an Azure deployment in the path."""
-    ctype = (content_type or b"").split(b";", 1)[0].strip().lower()
+    """The model a request asks for: `model` in a JSON or multipart body, or an Azure deployment in the path.
+
+    None when there is none, or when the request names more than one (duplicate fields, a body model that
+    differs from the deployment): the upstream might honour either, so an allow-list must not guess.
+    """
+    ctype_header = content_type or b""
+    ctype = ctype_header.split(b";", 1)[0].strip().lower()
+    candidates: list[object] = []
     if ctype == b"multipart/form-data":
-        match = _MULTIPART_MODEL.search(body)
-        if match:
-            return match.group(1).decode("utf-8", "replace")
+        candidates += _multipart_models(body, ctype_header)
     elif body[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            data = json.loads(body, object_pairs_hook=_JSONObject)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             data = None
-        if isinstance(data, dict) and isinstance(data.get("model"), str):
-            return data["model"]
-    match = _AZURE_DEPLOYMENT.search(path)
-    return match.group(1) if match else None
+        if isinstance(data, _JSONObject):
+            candidates += data.models
+    candidates += _AZURE_DEPLOYMENT.findall(path)
+    if not candidates or not isinstance(candidates[0], str):
+        return None
+    model = candidates[0]
+    return model if all(candidate == model for candidate in candidates) else None

@@ -152,7 +152,6 @@ class Forwarder:
         self.hop_prefix = config.hop_header_prefix.encode()
         self.transcripts = config.log_chat if transcripts is None else transcripts
         self.in_flight = 0
-        self.pid = os.getpid()
 
     def route_for(self, path: bytes) -> ActiveRoute | None:
         for active in self.routes:
@@ -211,7 +210,7 @@ class Forwarder:
         body = json.dumps(
             {
                 "status": "ok",
-                "pid": self.pid,
+                "pid": os.getpid(),
                 "in_flight": self.in_flight,
                 "routes": [
                     {

@@ -58,6 +58,7 @@ from zope.interface import implementer
 
 __all__ = [
     "DEFAULT_MODELS",
+    "DaemonProcess",
     "FakeUpstream",
     "FakeUpstreamProcess",
     "FormPart",
@@ -921,6 +922,135 @@ class FakeUpstreamProcess:
     def set_keys(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         """Change the key table as L{FakeUpstream.set_keys} does; returns the new table."""
         return self._call("POST", "/__fake/keys", dict(changes))
+
+
+def twistd_command() -> list[str]:
+    """The `twistd` installed beside this Python, as a user runs it."""
+    script = Path(sys.executable).with_name("twistd")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class DaemonProcess:
+    """Runs the real daemon, `twistd -n openai-forward ...`, on loopback; a context manager.
+
+    The port is read from twistd's log ("... starting on PORT"), so `--port tcp:0:interface=127.0.0.1` works.
+    The child runs in `cwd` (a fresh temp dir by default) with exactly `env` on top of a minimal environment,
+    so a developer's own OPENAI_API_KEY or .env never leaks into a test.
+    """
+
+    def __init__(
+        self,
+        arguments: Iterable[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        twistd: Iterable[str] = ("-n", "--pidfile="),
+        timeout: float = 20.0,
+    ) -> None:
+        self.arguments = list(arguments)
+        if not any(a in ("--port", "--listen") or a.startswith(("--port=", "--listen=")) for a in self.arguments):
+            self.arguments = ["--port", "tcp:0:interface=127.0.0.1", *self.arguments]
+        self.env = dict(env or {})
+        self.cwd = cwd
+        self.twistd = list(twistd)
+        self.timeout = timeout
+        self.ports: list[int] = []
+        self.url = ""
+        self.process: subprocess.Popen[bytes] | None = None
+        self._output = b""
+        self._owned_dir: tempfile.TemporaryDirectory[str] | None = None
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @staticmethod
+    def base_env(extra: Mapping[str, str]) -> dict[str, str]:
+        """A minimal environment: PATH, HOME, the repo on PYTHONPATH, and `extra`."""
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra)
+        return env
+
+    def start(self, expect_ports: int = 1) -> DaemonProcess:
+        """Start twistd and wait until it listens on `expect_ports` ports."""
+        if self.cwd is None:
+            self._owned_dir = tempfile.TemporaryDirectory(prefix="fwd-daemon-")
+            self.cwd = self._owned_dir.name
+        self.process = subprocess.Popen(
+            [*twistd_command(), *self.twistd, "openai-forward", *self.arguments],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self.base_env(self.env),
+            cwd=self.cwd,
+        )
+        deadline = time.monotonic() + self.timeout
+        found = re.compile(rb"starting on (\d+)")
+        while len(self.ports) < expect_ports:
+            if not self._read(deadline - time.monotonic()):
+                self.stop()
+                raise RuntimeError(f"openai-forward did not start:\n{self.output}")
+            self.ports = [int(p) for p in found.findall(self._output)]
+        self.url = f"http://127.0.0.1:{self.ports[0]}"
+        return self
+
+    def _read(self, wait: float) -> bool:
+        """Read what the daemon printed; False once it exited or `wait` ran out."""
+        assert self.process is not None and self.process.stdout is not None
+        if wait <= 0:
+            return False
+        descriptor = self.process.stdout.fileno()
+        with selectors.DefaultSelector() as selector:
+            selector.register(descriptor, selectors.EVENT_READ)
+            if not selector.select(wait):
+                return False
+        data = os.read(descriptor, 65536)
+        self._output += data
+        return bool(data)
+
+    @property
+    def output(self) -> str:
+        """Everything the daemon printed so far (its log, with -n)."""
+        if self.process is not None and self.process.stdout is not None and not self.process.stdout.closed:
+            while self._read(0.05):
+                pass
+        return self._output.decode("utf-8", "replace")
+
+    def wait_for(self, text: str, timeout: float = 5.0) -> str:
+        """Wait until the log contains `text`; return the whole log."""
+        deadline = time.monotonic() + timeout
+        while text not in self._output.decode("utf-8", "replace"):
+            if not self._read(deadline - time.monotonic()):
+                break
+        return self.output
+
+    def stop(self, sig: int = 15) -> int | None:
+        """Signal the daemon (SIGTERM by default), wait for it, and return its exit code."""
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(self.timeout)
+        self.output
+        if process.stdout is not None:
+            process.stdout.close()
+        self.process = None
+        if self._owned_dir is not None:
+            self._owned_dir.cleanup()
+            self._owned_dir = None
+        return process.returncode
 
 
 def _key_status_argument(text: str) -> tuple[str, tuple[int, float | None]]:
