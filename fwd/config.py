@@ -208,15 +208,18 @@ def gather(
     return raw
 
 
+_DIGITS = re.compile(r"[0-9]+")
+
+
 def parse_port(value: str, source: str) -> str:
     """A strports endpoint description; a bare number means TCP on all interfaces."""
     value = value.strip()
-    if value.isdigit():
+    if _DIGITS.fullmatch(value):
         value = "tcp:" + value
     kind, _, rest = value.partition(":")
     if kind in ("tcp", "ssl", "tcp6", "ssl6"):
         port = rest.split(":", 1)[0]
-        if not port.isdigit() or int(port) > 65535:
+        if not _DIGITS.fullmatch(port) or int(port) > 65535:
             raise ConfigError(f"{source}: {value!r} has no valid port number; use e.g. tcp:8000 or 8000")
     elif kind == "unix":
         if not rest:
@@ -234,10 +237,16 @@ def parse_ports(raw: Raw) -> tuple[str, ...]:
     return ports
 
 
+_BAD_URL_CHAR = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
 def parse_url(value: object, source: str) -> str:
     text = str(value).strip()
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname or " " in text:
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or _BAD_URL_CHAR.search(text):
         raise ConfigError(f"{source}={text!r} is not an http(s) URL; use e.g. https://api.openai.com")
     try:
         parts.port
@@ -277,7 +286,7 @@ def parse_size(raw: Raw) -> int:
         text = text[:-1]
     try:
         size = int(float(text) * factor)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ConfigError(f"{raw.source}={raw.value!r} is not a size in bytes, e.g. 10485760 or 10M") from None
     if size <= 0:
         raise ConfigError(f"{raw.source}={raw.value!r} must be a positive size")
@@ -325,18 +334,25 @@ def parse_secrets(value: object, source: str, prefix: str | None = None) -> tupl
     return keys
 
 
+def parse_one_forward_key(value: str, source: str, index: int) -> str:
+    keys = parse_secrets(value, source, "fk-")
+    if len(keys) != 1:
+        raise ConfigError(f"{source}: forward key {index} must be exactly one fk- key")
+    return keys[0]
+
+
 def parse_forward_keys(value: object, source: str) -> tuple[ForwardKey, ...]:
     items = value if isinstance(value, (list, tuple)) else split_list(value)
     keys = []
     for index, item in enumerate(items, 1):
         if isinstance(item, str):
-            (key,) = parse_secrets(item, source, "fk-")
+            key = parse_one_forward_key(item, source, index)
             keys.append(ForwardKey(key, short_hash(key)))
         elif isinstance(item, Mapping):
             unknown = set(item) - {"key", "name", "models"}
             if unknown or not isinstance(item.get("key"), str):
                 raise ConfigError(f"{source}: forward key {index} must be a table with key, name, models")
-            (key,) = parse_secrets(item["key"], source, "fk-")
+            key = parse_one_forward_key(item["key"], source, index)
             models = item.get("models")
             if models is not None and (
                 not isinstance(models, (list, tuple)) or not all(isinstance(m, str) for m in models)
@@ -385,6 +401,8 @@ def make_route(
 def routes_from_file(tables: object, file_name: str, allow_client_keys: bool) -> tuple[Route, ...]:
     if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
         raise ConfigError(f"{file_name}: 'route' must be an array of tables ([[route]])")
+    if not tables:
+        raise ConfigError(f"{file_name}: 'route' is empty; add at least one [[route]] table")
     routes = []
     for number, table in enumerate(tables, 1):
         here = f"[[route]] {number} in {file_name}"

@@ -1,6 +1,7 @@
 """OpenAI-shaped error bodies for the errors the proxy makes itself.  Tests: tests/test_errors.py"""
 
 import json
+import math
 
 import attrs
 
@@ -81,7 +82,7 @@ def model_denied(model: str | None) -> ProxyError:
 
 
 def keys_exhausted(retry_after: float, rate_limited: bool) -> ProxyError:
-    seconds = max(1, int(retry_after + 0.999))
+    seconds = max(1, math.ceil(retry_after))
     header = ((b"Retry-After", str(seconds).encode()),)
     if rate_limited:
         return ProxyError(

@@ -47,7 +47,6 @@ def request_headers(
     for name, values in headers:
         if name == b"connection":
             drop = drop | connection_tokens(values)
-            break
     if drop_credentials:
         drop = drop | CREDENTIALS
     return [
@@ -64,7 +63,6 @@ def response_headers(headers: Iterable[tuple[bytes, list[bytes]]]) -> list[tuple
     for name, values in headers:
         if name == b"connection":
             drop = drop | connection_tokens(values)
-            break
     return [(name, values) for name, values in headers if name not in drop]
 
 

@@ -73,7 +73,7 @@ class KeyPool:
             return
         state.failures += 1
         if retry_after is None:
-            pause = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (state.failures - 1))
+            pause = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** min(state.failures - 1, 32))
         else:
             pause = min(MAX_RETRY_AFTER, max(0.0, retry_after))
         state.available_at = self.clock.seconds() + pause
