@@ -6,6 +6,6 @@ from fwd.daemon import build_service
 
 try:
     application = service.Application("openai-forward")
-    build_service(configuration.load({})).setServiceParent(application)
+    build_service(configuration.load({}), load=lambda: configuration.load({})).setServiceParent(application)
 except configuration.ConfigError as problem:
     raise SystemExit(f"openai-forward: {problem}")

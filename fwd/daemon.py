@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
+
+import attrs
 from twisted.application import service, strports
-from twisted.logger import Logger
+from twisted.internet import defer
+from twisted.logger import Logger, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from fwd import config as configuration
@@ -51,21 +56,140 @@ class StartupReport(service.Service):
                 log.info(line)
 
 
-def build_service(config: configuration.Config, reactor=None) -> service.MultiService:
-    """The whole daemon as a MultiService ready for twistd or a .tac file."""
+class Drain(service.Service):
+    """On shutdown: running requests and streams finish, then client connections close once their last bytes
+    are flushed, all within GRACE_PERIOD seconds."""
+
+    POLL = 0.05
+
+    def __init__(self, forwarder: Forwarder, site: ForwardSite, clock):
+        self.forwarder = forwarder
+        self.site = site
+        self.clock = clock
+
+    def stopService(self):
+        super().stopService()
+        grace = self.forwarder.config.grace_period
+        deadline = self.clock.seconds() + grace
+        idle = self.forwarder.drain()
+        if not idle.called:
+            log.info("draining {count} running requests, for up to {grace:g} s", count=self.forwarder.in_flight, grace=grace)
+
+        def cut(reason):
+            reason.trap(defer.TimeoutError)
+            log.warn("grace period over: cutting {count} running requests", count=self.forwarder.in_flight)
+
+        idle.addTimeout(grace, self.clock).addErrback(cut)
+        idle.addCallback(lambda _: self._close_connections(deadline))
+        return idle
+
+    def _close_connections(self, deadline: float) -> defer.Deferred:
+        for transport in self.site.open_connections():
+            transport.loseConnection()
+        closed = defer.Deferred()
+
+        def check():
+            if not self.site.open_connections() or self.clock.seconds() >= deadline:
+                closed.callback(None)
+            else:
+                self.clock.callLater(self.POLL, check)
+
+        check()
+        return closed
+
+
+# Settings that only a restart can change; a reload keeps the running values and says so.
+RESTART_ONLY = ("ports", "workers", "metrics_port", "log_chat", "log_dir")
+
+
+class Reload(service.Service):
+    """SIGHUP re-reads `.env` and the config file; new requests use the new keys and routes."""
+
+    def __init__(self, forwarder: Forwarder, site: ForwardSite, load: Callable[[], configuration.Config], reactor):
+        self.forwarder = forwarder
+        self.site = site
+        self.load = load
+        self.reactor = reactor
+        self.previous = None
+
+    def startService(self):
+        super().startService()
+        self.previous = signal.signal(signal.SIGHUP, self._signalled)
+
+    def stopService(self):
+        super().stopService()
+        if self.previous is not None:
+            signal.signal(signal.SIGHUP, self.previous)
+
+    def _signalled(self, signum, frame):
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """Apply a freshly read configuration, or keep the running one if the new one is bad."""
+        running = self.forwarder.config
+        try:
+            config = self.load()
+        except configuration.ConfigError as problem:
+            log.error("reload refused, the running configuration stays: {problem}", problem=str(problem))
+            return False
+        changed = [name for name in RESTART_ONLY if getattr(config, name) != getattr(running, name)]
+        if changed:
+            log.warn("reload: {names} change only on restart", names=", ".join(changed))
+            config = attrs.evolve(config, **{name: getattr(running, name) for name in RESTART_ONLY})
+        self.forwarder.reconfigure(config)
+        self.site.max_body_size = config.max_body_size
+        log.info("reloaded the configuration")
+        for line in configuration.describe(config):
+            log.info(line)
+        return True
+
+
+class MetricsService(service.MultiService):
+    """Counts access events into Prometheus metrics and serves /metrics on its own listener."""
+
+    def __init__(self, description: str, status: Callable[[], dict], reactor):
+        from twisted.web.server import Site
+
+        from fwd.metrics import Metrics, MetricsResource
+
+        super().__init__()
+        self.metrics = Metrics(status)
+        site = Site(MetricsResource(self.metrics))
+        site.noisy = False
+        try:
+            listener = strports.service(description, site, reactor=reactor)
+        except Exception as e:
+            raise configuration.ConfigError(f"--metrics-port {description}: {describe_exception(e)}") from None
+        listener.setServiceParent(self)
+
+    def startService(self):
+        globalLogPublisher.addObserver(self.metrics)
+        super().startService()
+
+    def stopService(self):
+        globalLogPublisher.removeObserver(self.metrics)
+        return super().stopService()
+
+
+def build_service(
+    config: configuration.Config, reactor=None, load: Callable[[], configuration.Config] | None = None
+) -> service.MultiService:
+    """The whole daemon as a MultiService ready for twistd or a .tac file; `load` re-reads it on SIGHUP."""
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
     upstream = UpstreamPool(reactor)
     upstream.setServiceParent(top)
     agent = Agent(reactor, pool=upstream.pool, connectTimeout=config.timeout)
+    transcripts = None
     if config.log_chat:
         from fwd import chatlog
 
         problem = chatlog.check_log_dir(config.log_dir)
         if problem:
             raise configuration.ConfigError(problem)
-        chatlog.TranscriptService(config.log_dir).setServiceParent(top)
+        transcripts = chatlog.TranscriptService(config.log_dir)
+        transcripts.setServiceParent(top)
     forwarder = Forwarder(config, agent, reactor)
     site = ForwardSite(forwarder)
     for description in config.ports:
@@ -74,6 +198,16 @@ def build_service(config: configuration.Config, reactor=None) -> service.MultiSe
         except Exception as e:
             raise configuration.ConfigError(f"--port {description}: {describe_exception(e)}") from None
         listener.setServiceParent(top)
+    if config.metrics_port:
+
+        def status() -> dict:
+            observer = transcripts.observer if transcripts is not None else None
+            return {**forwarder.status(), "transcript_write_errors": observer.write_errors if observer else 0}
+
+        MetricsService(config.metrics_port, status, reactor).setServiceParent(top)
+    if load is not None:
+        Reload(forwarder, site, load, reactor).setServiceParent(top)
+    Drain(forwarder, site, reactor).setServiceParent(top)
     StartupReport(config).setServiceParent(top)
     return top
 

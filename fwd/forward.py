@@ -126,6 +126,24 @@ def describe_failure(reason) -> str:
     return reason.value.__class__.__name__
 
 
+def log_access(request, *, client: str, status: int, sent: int, started: float, now: float, caller: str,
+               route: str, ttfb: float | None = None, upstream: bool = False) -> None:
+    """One access-log event per request: the twistd log line and what metrics count. No query, no keys."""
+    accessLog.info(
+        "{client} {method} {path} {status} {bytes} {duration_ms:.0f}ms {caller}",
+        client=client,
+        method=request.method.decode("latin-1"),
+        path=request.path.decode("latin-1"),
+        status=status,
+        bytes=sent,
+        duration_ms=(now - started) * 1000,
+        ttfb_ms=None if ttfb is None else (ttfb - started) * 1000,
+        caller=caller,
+        route=route,
+        upstream=upstream,
+    )
+
+
 def send_error(request, error: errors.ProxyError) -> None:
     """Answer with a proxy-made OpenAI-shaped error, if the client is still there."""
     if request.finished or request._disconnected:
@@ -145,13 +163,49 @@ class Forwarder:
     """Everything one daemon shares across requests: routes, access lists, the upstream agent."""
 
     def __init__(self, config: Config, agent, clock, transcripts: bool | None = None):
-        self.config = config
         self.agent = agent
         self.clock = clock
-        self.routes = [ActiveRoute.build(r, clock) for r in sorted(config.routes, key=lambda r: -len(r.prefix))]
-        self.hop_prefix = config.hop_header_prefix.encode()
-        self.transcripts = config.log_chat if transcripts is None else transcripts
+        self.transcripts_override = transcripts
         self.in_flight = 0
+        self.streams = 0
+        self.draining = False
+        self._idle_waiters: list[defer.Deferred] = []
+        self.routes: list[ActiveRoute] = []
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Serve new requests with this configuration; running exchanges keep theirs, pools keep key states."""
+        old = {key: state for active in self.routes for key, state in active.pool.states_by_key().items()}
+        self.config = config
+        self.routes = [ActiveRoute.build(r, self.clock) for r in sorted(config.routes, key=lambda r: -len(r.prefix))]
+        for active in self.routes:
+            active.pool.adopt(old)
+        self.hop_prefix = config.hop_header_prefix.encode()
+        self.transcripts = config.log_chat if self.transcripts_override is None else self.transcripts_override
+
+    def status(self) -> dict:
+        """What the daemon is doing now, for /healthz and metrics; never a key."""
+        return {
+            "in_flight": self.in_flight,
+            "streams": self.streams,
+            "keys": [(a.route.name, masked, state) for a in self.routes for masked, state in a.pool.states()],
+        }
+
+    def exchange_ended(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def drain(self) -> defer.Deferred:
+        """Fires once no request is in flight; /healthz says "draining" from now on."""
+        self.draining = True
+        if not self.in_flight:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
 
     def route_for(self, path: bytes) -> ActiveRoute | None:
         for active in self.routes:
@@ -207,11 +261,13 @@ class Forwarder:
 
 
     def health(self, request) -> None:
+        status = self.status()
         body = json.dumps(
             {
-                "status": "ok",
+                "status": "draining" if self.draining else "ok",
                 "pid": os.getpid(),
-                "in_flight": self.in_flight,
+                "in_flight": status["in_flight"],
+                "streams": status["streams"],
                 "routes": [
                     {
                         "prefix": a.route.name,
@@ -223,7 +279,7 @@ class Forwarder:
                 ],
             }
         ).encode()
-        request.setResponseCode(200)
+        request.setResponseCode(503 if self.draining else 200)
         request.responseHeaders.setRawHeaders(b"content-type", JSON)
         request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
         request.write(body)
@@ -235,8 +291,10 @@ class Exchange:
 
     def __init__(self, forwarder: Forwarder, active: ActiveRoute, request, decision, body: bytes, ip, from_api_key):
         self.forwarder = forwarder
+        self.config = forwarder.config
         self.active = active
         self.request = request
+        request.exchange = self
         self.decision = decision
         self.body = body
         self.ip = ip
@@ -252,13 +310,14 @@ class Exchange:
         self.status = 0
         self.sent = 0
         self.transcript = None
+        self.stream = False
         self.ttfb: float | None = None
         self.url = active.upstream_url(request.uri)
         self.headers = self._upstream_headers()
 
     def _upstream_headers(self) -> list[tuple[bytes, list[bytes]]]:
         decision = self.decision
-        config = self.forwarder.config
+        config = self.config
         substitute = decision.use_pool or bool(config.proxy_keys)
         headers = request_headers(
             self.request.requestHeaders.getAllRawHeaders(), self.forwarder.hop_prefix, drop_credentials=substitute
@@ -318,7 +377,7 @@ class Exchange:
         producer = BytesProducer(body) if body or method in (b"POST", b"PUT", b"PATCH") else None
         forwarder = self.forwarder
         d = forwarder.agent.request(method, self.url, Headers(dict(headers)), producer)
-        d.addTimeout(forwarder.config.timeout, self.clock, onTimeoutCancel=self._timed_out)
+        d.addTimeout(self.config.timeout, self.clock, onTimeoutCancel=self._timed_out)
         self.pending = d
         d.addCallbacks(self._response, self._request_failed)
         d.addErrback(self._unexpected)
@@ -357,6 +416,8 @@ class Exchange:
         stream = is_event_stream(content_type)
         if stream:
             out.setRawHeaders(b"x-accel-buffering", [b"no"])
+            self.stream = True
+            self.forwarder.streams += 1
         elif response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
         if self.transcript is not None:
@@ -374,7 +435,7 @@ class Exchange:
             return
         base = self.active.route.base_url
         if reason.check(defer.TimeoutError):
-            error = errors.upstream_timeout(base, self.forwarder.config.timeout)
+            error = errors.upstream_timeout(base, self.config.timeout)
         else:
             error = errors.upstream_unreachable(base, describe_failure(reason))
         log.warn("upstream {url} failed: {why}", url=base, why=error.message)
@@ -422,7 +483,8 @@ class Exchange:
             return
         self.done = True
         forwarder = self.forwarder
-        forwarder.in_flight -= 1
+        if self.stream:
+            forwarder.streams -= 1
         now = self.clock.seconds()
         if self.transcript is not None:
             from fwd import chatlog
@@ -436,18 +498,19 @@ class Exchange:
                 chatlog.emit(transcript.finish(partial=partial, error=error, latency_ms=(now - self.started) * 1000))
             except Exception:
                 log.failure("transcript could not be built")
-        request = self.request
-        accessLog.info(
-            "{client} {method} {path} {status} {bytes} {duration_ms:.0f}ms {caller}",
+        log_access(
+            self.request,
             client=self.ip,
-            method=request.method.decode("latin-1"),
-            path=request.path.decode("latin-1"),
-            status=self.status if not partial or self.status else 499,
-            bytes=self.sent,
-            duration_ms=(now - self.started) * 1000,
+            status=self.status if self.status and not (partial and self.client_gone) else 499,
+            sent=self.sent,
+            started=self.started,
+            now=now,
             caller=self.decision.caller,
             route=self.active.route.name,
+            ttfb=self.ttfb,
+            upstream=True,
         )
+        forwarder.exchange_ended()
 
 
 def abort(request) -> None:
@@ -485,7 +548,8 @@ class Relay(Protocol):
             self.transport.stopProducing()
             return
         self.request.registerProducer(self.transport, True)
-        self.idle = exchange.clock.callLater(exchange.forwarder.config.idle_timeout, self._silent)
+        self.idle_timeout = exchange.config.idle_timeout
+        self.idle = exchange.clock.callLater(self.idle_timeout, self._silent)
 
     def dataReceived(self, data):
         if self.exchange.client_gone:
@@ -494,7 +558,7 @@ class Relay(Protocol):
         self.exchange.sent += len(data)
         if self.transcript is not None:
             self.transcript.feed(data)
-        self.idle.reset(self.exchange.forwarder.config.idle_timeout)
+        self.idle.reset(self.idle_timeout)
 
     def connectionLost(self, reason):
         if self.idle is not None and self.idle.active():

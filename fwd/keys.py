@@ -123,6 +123,13 @@ class KeyPool:
             return "disabled"
         return "cooling" if state.available_at > now else "available"
 
+    def states_by_key(self) -> dict[str, KeyState]:
+        return {state.key: state for state in self._states}
+
+    def adopt(self, previous: dict[str, KeyState]) -> None:
+        """Keep what an earlier pool learned about keys still configured, e.g. across a reload."""
+        self._states = [previous.get(state.key, state) for state in self._states]
+
     def _state(self, key: str) -> KeyState | None:
         for state in self._states:
             if state.key == key:

@@ -44,8 +44,9 @@ class Options(usage.Options):
     def postOptions(self):
         cli = {key.replace("-", "_"): value for key, value in self.items() if key != "config"}
         cli["log_chat"] = True if self["log-chat"] else None
+        self.load = lambda: configuration.load(cli, config_file=self["config"])
         try:
-            self.config = configuration.load(cli, config_file=self["config"])
+            self.config = self.load()
         except configuration.ConfigError as e:
             fail(e)
 
@@ -62,6 +63,6 @@ def makeService(options) -> service.MultiService:
     from fwd.daemon import build_service
 
     try:
-        return build_service(options.config)
+        return build_service(options.config, load=options.load)
     except configuration.ConfigError as e:
         fail(e)

@@ -7,12 +7,14 @@ which a forwarding proxy never needs.
 
 from __future__ import annotations
 
+import weakref
+
 from twisted.python import failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from fwd import errors
-from fwd.forward import Forwarder, log, send_error
+from fwd.forward import Forwarder, log, log_access, send_error
 
 
 class ForwardRequest(Request):
@@ -21,6 +23,7 @@ class ForwardRequest(Request):
     defaultContentType = None
     rejected = False
     received = 0
+    exchange = None
 
     def gotLength(self, length):
         limit = self.channel.site.max_body_size
@@ -57,6 +60,7 @@ class ForwardRequest(Request):
         if self.rejected:
             return
         self.site = site = self.channel.site
+        self.started = site.forwarder.clock.seconds()
         try:
             site.forwarder.handle(self)
         except Exception:
@@ -74,6 +78,30 @@ class ForwardSite(Site):
         super().__init__(None, parsePOSTFormSubmission=False, **kwargs)
         self.forwarder = forwarder
         self.max_body_size = forwarder.config.max_body_size
+        self.connections: weakref.WeakSet = weakref.WeakSet()
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        self.connections.add(protocol)
+        return protocol
+
+    def open_connections(self) -> list:
+        """Client connections still open, for a graceful shutdown."""
+        transports = (getattr(p._channel, "transport", None) for p in self.connections)
+        return [t for t in transports if t is not None and t.connected]
 
     def log(self, request):
-        """Access logging happens once per exchange in the Forwarder, with secrets masked."""
+        """Access-log requests the proxy answered itself; forwarded ones are logged when their exchange ends."""
+        if request.exchange is not None:
+            return
+        now = self.forwarder.clock.seconds()
+        log_access(
+            request,
+            client=getattr(request.getClientAddress(), "host", "unix"),
+            status=request.code,
+            sent=request.sentLength,
+            started=getattr(request, "started", now),
+            now=now,
+            caller="-",
+            route="-",
+        )

@@ -1,0 +1,104 @@
+"""Prometheus metrics, computed from the proxy's own log events.  Tests: tests/test_operations.py
+
+Counting happens in a twisted.logger observer fed by the access events (`fwd.access`), so the request path
+does no metrics work of its own and a supervisor process can count what its workers log.  Gauges that describe
+the present (requests and streams in flight, key states, transcript write errors) are read at scrape time
+from a status callable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.logger import ILogObserver
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+ACCESS_NAMESPACE = "fwd.access"
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})
+SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def empty_status() -> dict:
+    return {"in_flight": 0, "streams": 0, "keys": [], "transcript_write_errors": 0}
+
+
+class StatusCollector:
+    """Gauges read from the live daemon at scrape time."""
+
+    def __init__(self, status: Callable[[], dict]):
+        self.status = status
+
+    def collect(self):
+        status = self.status()
+        yield GaugeMetricFamily("fwd_requests_in_flight", "Requests being forwarded now", value=status["in_flight"])
+        yield GaugeMetricFamily("fwd_streams_in_flight", "Event streams being relayed now", value=status["streams"])
+        keys = GaugeMetricFamily(
+            "fwd_upstream_key_state", "1 for the state each pool key is in (masked key)", labels=["route", "key", "state"]
+        )
+        for route, masked, state in status["keys"]:
+            keys.add_metric([route, masked, state], 1)
+        yield keys
+        yield GaugeMetricFamily(
+            "fwd_transcript_write_errors", "Transcript records that could not be written", value=status["transcript_write_errors"]
+        )
+
+
+@implementer(ILogObserver)
+class Metrics:
+    """The daemon's Prometheus registry, fed by access events."""
+
+    def __init__(self, status: Callable[[], dict] = empty_status):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "fwd_requests", "Requests answered, by route, method and status", ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "fwd_upstream_latency_seconds", "Time from receiving a request to its last byte relayed", ["route"],
+            buckets=SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.ttfb = Histogram(
+            "fwd_upstream_ttfb_seconds", "Time from receiving a request to the upstream's response headers", ["route"],
+            buckets=SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.registry.register(StatusCollector(status))
+
+    def __call__(self, event: dict) -> None:
+        if event.get("log_namespace") != ACCESS_NAMESPACE:
+            return
+        route = event.get("route") or "-"
+        method = event.get("method", "")
+        self.requests.labels(route, method if method in METHODS else "OTHER", str(event.get("status", 0))).inc()
+        if event.get("upstream"):
+            self.latency.labels(route).observe(event.get("duration_ms", 0.0) / 1000)
+            ttfb = event.get("ttfb_ms")
+            if ttfb is not None:
+                self.ttfb.labels(route).observe(ttfb / 1000)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsResource(Resource):
+    """`/metrics` in the Prometheus text format, on its own listener."""
+
+    def __init__(self, metrics: Metrics):
+        super().__init__()
+        self.metrics = metrics
+        self.putChild(b"metrics", MetricsPage(metrics))
+
+
+class MetricsPage(Resource):
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics):
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return self.metrics.exposition()
