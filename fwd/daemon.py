@@ -171,34 +171,53 @@ class MetricsService(service.MultiService):
         return super().stopService()
 
 
+def check_transcripts(config: configuration.Config):
+    """The transcript file's service when LOG_CHAT is on; an unusable LOG_DIR stops startup."""
+    if not config.log_chat:
+        return None
+    from fwd import chatlog
+
+    problem = chatlog.check_log_dir(config.log_dir)
+    if problem:
+        raise configuration.ConfigError(problem)
+    return chatlog.TranscriptService(config.log_dir)
+
+
 def build_service(
-    config: configuration.Config, reactor=None, load: Callable[[], configuration.Config] | None = None
+    config: configuration.Config,
+    reactor=None,
+    load: Callable[[], configuration.Config] | None = None,
+    inherited: list[int] | None = None,
 ) -> service.MultiService:
-    """The whole daemon as a MultiService ready for twistd or a .tac file; `load` re-reads it on SIGHUP."""
+    """The whole daemon as a MultiService ready for twistd or a .tac file; `load` re-reads it on SIGHUP.
+
+    A worker of `--workers N` passes `inherited`, the supervisor's listening sockets (one per --port); its
+    transcripts and metrics are then the supervisor's business, as its log events go there.
+    """
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
     upstream = UpstreamPool(reactor)
     upstream.setServiceParent(top)
     agent = Agent(reactor, pool=upstream.pool, connectTimeout=config.timeout)
-    transcripts = None
-    if config.log_chat:
-        from fwd import chatlog
-
-        problem = chatlog.check_log_dir(config.log_dir)
-        if problem:
-            raise configuration.ConfigError(problem)
-        transcripts = chatlog.TranscriptService(config.log_dir)
+    transcripts = check_transcripts(config) if inherited is None else None
+    if transcripts is not None:
         transcripts.setServiceParent(top)
     forwarder = Forwarder(config, agent, reactor)
+    top.forwarder = forwarder
     site = ForwardSite(forwarder)
-    for description in config.ports:
+    for number, description in enumerate(config.ports):
+        if inherited is not None:
+            from fwd.workers import AdoptedPort
+
+            AdoptedPort(description, inherited[number], site, reactor).setServiceParent(top)
+            continue
         try:
             listener = strports.service(description, site, reactor=reactor)
         except Exception as e:
             raise configuration.ConfigError(f"--port {description}: {describe_exception(e)}") from None
         listener.setServiceParent(top)
-    if config.metrics_port:
+    if config.metrics_port and inherited is None:
 
         def status() -> dict:
             observer = transcripts.observer if transcripts is not None else None
@@ -208,7 +227,8 @@ def build_service(
     if load is not None:
         Reload(forwarder, site, load, reactor).setServiceParent(top)
     Drain(forwarder, site, reactor).setServiceParent(top)
-    StartupReport(config).setServiceParent(top)
+    if inherited is None:
+        StartupReport(config).setServiceParent(top)
     return top
 
 

@@ -8,6 +8,7 @@ from a status callable.
 
 from __future__ import annotations
 
+from collections import Counter as Tally
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -37,10 +38,12 @@ class StatusCollector:
         yield GaugeMetricFamily("fwd_requests_in_flight", "Requests being forwarded now", value=status["in_flight"])
         yield GaugeMetricFamily("fwd_streams_in_flight", "Event streams being relayed now", value=status["streams"])
         keys = GaugeMetricFamily(
-            "fwd_upstream_key_state", "1 for the state each pool key is in (masked key)", labels=["route", "key", "state"]
+            "fwd_upstream_key_state",
+            "Processes that see each pool key (masked) in each state; 1 per key with one process",
+            labels=["route", "key", "state"],
         )
-        for route, masked, state in status["keys"]:
-            keys.add_metric([route, masked, state], 1)
+        for (route, masked, state), count in Tally(tuple(k) for k in status["keys"]).items():
+            keys.add_metric([route, masked, state], count)
         yield keys
         yield GaugeMetricFamily(
             "fwd_transcript_write_errors", "Transcript records that could not be written", value=status["transcript_write_errors"]

@@ -44,6 +44,7 @@ class Options(usage.Options):
     def postOptions(self):
         cli = {key.replace("-", "_"): value for key, value in self.items() if key != "config"}
         cli["log_chat"] = True if self["log-chat"] else None
+        self.cli = cli
         self.load = lambda: configuration.load(cli, config_file=self["config"])
         try:
             self.config = self.load()
@@ -61,8 +62,11 @@ def fail(problem: object) -> None:
 def makeService(options) -> service.MultiService:
     """Build the daemon: one listener per --port around a Forwarder sharing one upstream connection pool."""
     from fwd.daemon import build_service
+    from fwd.workers import build_supervisor
 
     try:
+        if options.config.workers > 1:
+            return build_supervisor(options.config, options.cli, options["config"])
         return build_service(options.config, load=options.load)
     except configuration.ConfigError as e:
         fail(e)
