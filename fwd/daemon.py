@@ -9,7 +9,10 @@ import attrs
 from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.logger import Logger, globalLogPublisher
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from fwd import config as configuration
 from fwd.forward import Forwarder
@@ -19,6 +22,27 @@ log = Logger(namespace="fwd.startup")
 
 MAX_PERSISTENT_PER_HOST = 256
 IDLE_CONNECTION_SECONDS = 60
+
+
+@implementer(IAgentEndpointFactory)
+class UpstreamEndpoints:
+    """Upstream endpoints built once per scheme, host and port, not once per request (it IDNA-encodes)."""
+
+    def __init__(self, reactor, connect_timeout: float, tls_policy=None):
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        self.tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
+        self.endpoints: dict = {}
+
+    def endpointForURI(self, uri):
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self.endpoints.get(key)
+        if endpoint is None:
+            endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.connect_timeout)
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self.tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
+            self.endpoints[key] = endpoint
+        return endpoint
 
 
 class QuietClientFactory(_HTTP11ClientFactory):
@@ -199,7 +223,7 @@ def build_service(
     top = service.MultiService()
     upstream = UpstreamPool(reactor)
     upstream.setServiceParent(top)
-    agent = Agent(reactor, pool=upstream.pool, connectTimeout=config.timeout)
+    agent = Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, config.timeout), pool=upstream.pool)
     transcripts = check_transcripts(config) if inherited is None else None
     if transcripts is not None:
         transcripts.setServiceParent(top)

@@ -963,7 +963,7 @@ class DaemonProcess:
         self._owned_dir: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> DaemonProcess:
-        return self.start()
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
