@@ -1,9 +1,9 @@
 """Transcripts on twisted.logger: one event per exchange, written to LOG_DIR/chat.jsonl by their own observer.
 
 Transcripts travel on their own namespace. ``TranscriptService`` adds a ``TranscriptFile`` observer
-to the global log publisher while it runs. Wrap the main log observer as
-``FilteringLogObserver(observer, [notTranscripts])`` so it does not repeat them; unfiltered, a text
-log shows only the short line ``transcript <uid>``, never the content.
+to the global log publisher while it runs. Their format is empty, so a text log (twistd's own) writes
+no line for them; an observer that renders whole events (JSON) must be wrapped as
+``FilteringLogObserver(observer, [notTranscripts])`` so it does not repeat them.
 """
 
 from __future__ import annotations

@@ -65,6 +65,63 @@ def _upstream_error(body: bytes, status: int) -> str:
 _JSON_ERRORS = (ValueError, TypeError, RecursionError)
 
 
+def _clip(root: Any, limit: int) -> bool:
+    """Cut a parsed request in place to about `limit` characters, keeping what comes first; True when cut.
+
+    Within a dict the cheap values go first (numbers, then strings shortest first, then nested values), so
+    model and parameters survive a huge prompt; lists keep their order. Strings are cut to what is left, and once
+    nothing is left the remaining items of every list and dict are dropped. Iterative: depth costs no recursion.
+    """
+    left = limit
+    cut = False
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        nested = []
+        if isinstance(node, dict):
+            keys = sorted(node, key=lambda k: _clip_order(node[k]))
+            for n, key in enumerate(keys):
+                if left <= 0:
+                    for gone in keys[n:]:
+                        del node[gone]
+                    cut = True
+                    break
+                value = node[key]
+                left -= len(key) + 1
+                if isinstance(value, str):
+                    if len(value) > left:
+                        node[key] = value[: max(left, 0)]
+                        cut = True
+                    left -= len(value)
+                elif isinstance(value, (dict, list)):
+                    nested.append(value)
+        elif isinstance(node, list):
+            for n, value in enumerate(node):
+                if left <= 0:
+                    del node[n:]
+                    cut = True
+                    break
+                left -= 1
+                if isinstance(value, str):
+                    if len(value) > left:
+                        node[n] = value[: max(left, 0)]
+                        cut = True
+                    left -= len(value)
+                elif isinstance(value, (dict, list)):
+                    nested.append(value)
+        stack.extend(reversed(nested))
+    return cut
+
+
+def _clip_order(value: Any) -> tuple[int, int]:
+    """Sort key of a dict value for _clip: scalars, then strings by length, then lists and dicts."""
+    if isinstance(value, str):
+        return (1, len(value))
+    if isinstance(value, (dict, list)):
+        return (2, 0)
+    return (0, 0)
+
+
 def _index(value: Any, default: int) -> int:
     """A choice or tool-call index, falling back when a server sends something odd."""
     return value if isinstance(value, int) else default
@@ -486,6 +543,10 @@ class Transcript:
             stream = request.get("stream") is True
         if model is None:
             model = self._model
+
+        if len(self.request_body) > self.limit and isinstance(request, (dict, list)):
+            # The body is bounded only by MAX_BODY_SIZE; the record holds at most `limit` of it.
+            truncated = _clip(request, self.limit) or truncated
 
         errors = [e for e in (error, own_error) if e]
         return {
