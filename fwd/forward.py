@@ -22,7 +22,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import failure
 from twisted.web.client import ResponseDone, ResponseNeverReceived
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import HTTPChannel, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
@@ -549,6 +549,7 @@ class Relay(Protocol):
         self.transcript = exchange.transcript
         self.timed_out = False
         self.idle = None
+        self.send = self._first_write
 
     def connectionMade(self):
         exchange = self.exchange
@@ -560,13 +561,27 @@ class Relay(Protocol):
         self.idle = exchange.clock.callLater(self.idle_timeout, self._silent)
 
     def dataReceived(self, data):
-        if self.exchange.client_gone:
+        exchange = self.exchange
+        if exchange.client_gone:
             return
-        self.request.write(data)
-        self.exchange.sent += len(data)
+        self.send(data)
+        exchange.sent += len(data)
         if self.transcript is not None:
             self.transcript.feed(data)
         self.idle.reset(self.idle_timeout)
+
+    def _first_write(self, data: bytes) -> None:
+        """The first write sends the headers; later ones can skip twisted.web's per-write bookkeeping."""
+        request = self.request
+        request.write(data)
+        channel = request.channel
+        if not isinstance(channel, HTTPChannel) or request.method == b"HEAD" or channel.transport is None:
+            self.send = request.write
+        elif request.chunked:
+            write = channel.transport.write
+            self.send = lambda data: write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.send = channel.transport.write
 
     def connectionLost(self, reason):
         if self.idle is not None and self.idle.active():
