@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Callable
 
 import attrs
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger, globalLogPublisher
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapClientTLS
+from twisted.internet.error import CannotListenError
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -78,6 +81,47 @@ class StartupReport(service.Service):
                 log.warn(line)
             else:
                 log.info(line)
+
+
+class StartupError(Exception):
+    """A problem found while starting the services (after twistd may have daemonized), said in one line."""
+
+
+def report_in_one_line(error: StartupError) -> StartupError:
+    """Make an uncaught StartupError print its message alone: twistd -n would print a traceback, and a
+    daemonizing twistd passes the message to the waiting parent (it only does that for an Exception)."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if value is error:
+            sys.stderr.write(f"openai-forward: {value}\n")
+        else:
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
+    return error
+
+
+class Listener(StreamServerEndpointService):
+    """One --port; failing to bind stops startup with one line instead of a traceback."""
+
+    def __init__(self, description: str, factory, reactor):
+        try:
+            endpoint = serverFromString(reactor, description)
+        except Exception as e:
+            raise configuration.ConfigError(f"--port {description}: {describe_exception(e)}") from None
+        super().__init__(endpoint, factory)
+        self.description = description
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self):
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            raise report_in_one_line(
+                StartupError(f"cannot listen on {self.description}: {reason}")
+            ) from None
 
 
 class Drain(service.Service):
@@ -180,11 +224,7 @@ class MetricsService(service.MultiService):
         self.metrics = Metrics(status)
         site = Site(MetricsResource(self.metrics))
         site.noisy = False
-        try:
-            listener = strports.service(description, site, reactor=reactor)
-        except Exception as e:
-            raise configuration.ConfigError(f"--metrics-port {description}: {describe_exception(e)}") from None
-        listener.setServiceParent(self)
+        Listener(description, site, reactor).setServiceParent(self)
 
     def startService(self):
         globalLogPublisher.addObserver(self.metrics)
@@ -236,11 +276,7 @@ def build_service(
 
             AdoptedPort(description, inherited[number], site, reactor).setServiceParent(top)
             continue
-        try:
-            listener = strports.service(description, site, reactor=reactor)
-        except Exception as e:
-            raise configuration.ConfigError(f"--port {description}: {describe_exception(e)}") from None
-        listener.setServiceParent(top)
+        Listener(description, site, reactor).setServiceParent(top)
     if config.metrics_port and inherited is None:
 
         def status() -> dict:

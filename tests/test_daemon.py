@@ -347,3 +347,29 @@ def test_a_bad_configuration_stops_startup_with_one_clear_line(tmp_path, argumen
     assert "Traceback" not in output
     assert len(output.splitlines()) == 1, output
     assert mentions in output
+
+
+def test_a_port_in_use_stops_startup_with_one_clear_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*twistd_command(), "-n", "--pidfile=", "openai-forward", "--port", f"tcp:{port}:interface=127.0.0.1"],
+            cwd=tmp_path, env=DaemonProcess.base_env({}), capture_output=True, text=True, timeout=60,
+        )
+        daemonized = subprocess.run(
+            [*twistd_command(), "--pidfile", "fwd.pid", "--logfile", "fwd.log", "openai-forward",
+             "--port", f"tcp:{port}:interface=127.0.0.1"],
+            cwd=tmp_path, env=DaemonProcess.base_env({}), capture_output=True, text=True, timeout=60,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Traceback" not in output
+    assert [line for line in output.splitlines() if "cannot listen" in line] == [
+        line for line in output.splitlines() if "Address already in use" in line
+    ]
+    assert output.count("cannot listen") == 1
+    assert daemonized.returncode != 0
+    assert "Address already in use" in daemonized.stderr
+    assert not (tmp_path / "fwd.pid").exists()
