@@ -1,0 +1,87 @@
+"""`--workers N` end to end: several processes serve one port, a dead one comes back, one log and one chat.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from fwd.testing import DaemonProcess, FakeUpstreamProcess
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with FakeUpstreamProcess() as fake:
+        yield fake
+
+
+def serving_pids(url: str, count: int = 40) -> set[int]:
+    """The pids that answer /healthz over fresh connections."""
+    return {httpx.get(url + "/healthz", headers={"Connection": "close"}).json()["pid"] for _ in range(count)}
+
+
+def wait_until(predicate, timeout: float = 10.0, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_workers_share_the_port_and_a_dead_worker_is_replaced(upstream, tmp_path):
+    env = {"OPENAI_BASE_URL": upstream.url, "LOG_CHAT": "true", "LOG_DIR": str(tmp_path / "Log")}
+    with DaemonProcess(["--workers", "2"], env=env) as proxy:
+        pids = wait_until(lambda: len(serving_pids(proxy.url)) == 2 and serving_pids(proxy.url))
+        assert len(pids) == 2, "both workers answer on the one port"
+        assert proxy.process.pid not in pids, "the supervisor itself does not serve"
+
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-own", max_retries=0)
+        for n in range(4):
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"hi {n}"}])
+
+        victim = sorted(pids)[0]
+        os.kill(victim, signal.SIGKILL)
+        replaced = wait_until(lambda: (now := serving_pids(proxy.url, 20)) and victim not in now and len(now) == 2 and now)
+        assert replaced and victim not in replaced and len(replaced) == 2
+
+        chat_log = tmp_path / "Log" / "chat.jsonl"
+        records = wait_until(lambda: chat_log.exists() and len(chat_log.read_text().splitlines()) >= 4 and chat_log)
+        assert records, "every worker's transcripts land in the one chat.jsonl"
+        contents = sorted(json.loads(line)["response"]["content"] for line in chat_log.read_text().splitlines())
+        assert contents == [f"echo: hi {n}" for n in range(4)]
+        log = proxy.wait_for("exited")
+        assert "starting it again" in log
+        assert "POST /v1/chat/completions 200" in log, "workers' access lines reach the supervisor's log"
+        workers = serving_pids(proxy.url)
+    assert wait_until(lambda: not any(alive(pid) for pid in workers), timeout=15), "SIGTERM stops every worker"
+
+
+def test_each_worker_reloads_on_sighup_sent_to_the_supervisor(upstream, tmp_path):
+    (tmp_path / ".env").write_text("FORWARD_KEY=fk-before01\nOPENAI_API_KEY=sk-pool-0001\n")
+    with DaemonProcess(["--workers", "2"], env={"OPENAI_BASE_URL": upstream.url}, cwd=str(tmp_path)) as proxy:
+        wait_until(lambda: len(serving_pids(proxy.url)) == 2)
+
+        def status(key: str) -> set[int]:
+            return {
+                httpx.get(proxy.url + "/v1/models", headers={"Authorization": f"Bearer {key}", "Connection": "close"}).status_code
+                for _ in range(12)
+            }
+
+        assert status("fk-before01") == {200}
+        (tmp_path / ".env").write_text("FORWARD_KEY=fk-after0002\nOPENAI_API_KEY=sk-pool-0001\n")
+        proxy.process.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: status("fk-after0002") == {200} and status("fk-before01") == {401})
