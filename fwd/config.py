@@ -153,10 +153,13 @@ def short_hash(secret: str) -> str:
 
 
 def mask(secret: str) -> str:
-    """Show a key the way dashboards do: its prefix and last four characters."""
-    if len(secret) <= 8:
-        return "***"
+    """Show a key the way dashboards do: its prefix and last four characters.
+
+    Only when at least 8 characters stay hidden: the tail of a short key would give most of it away.
+    """
     prefix = secret[:3] if secret[:3] in ("sk-", "fk-") else ""
+    if len(secret) - len(prefix) - 4 < 8:
+        return "***"
     return f"{prefix}…{secret[-4:]}"
 
 

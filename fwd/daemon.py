@@ -102,12 +102,24 @@ def report_in_one_line(error: StartupError) -> StartupError:
     return error
 
 
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """Twisted listens with a backlog of 50, too short for bursts of thousands of streams; ask for more
+    unless the endpoint says otherwise (the kernel caps it at net.core.somaxconn)."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl", "ssl6", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
+
+
 class Listener(StreamServerEndpointService):
     """One --port; failing to bind stops startup with one line instead of a traceback."""
 
     def __init__(self, description: str, factory, reactor):
         try:
-            endpoint = serverFromString(reactor, description)
+            endpoint = serverFromString(reactor, with_backlog(description))
         except Exception as e:
             raise configuration.ConfigError(f"--port {description}: {describe_exception(e)}") from None
         super().__init__(endpoint, factory)

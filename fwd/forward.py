@@ -263,7 +263,8 @@ class Forwarder:
         forward_key = decision.forward_key
         if forward_key is not None and forward_key.models is not None:
             model = access.request_model(body, headers.getRawHeaders(b"content-type", [None])[0], path.decode("latin-1"))
-            if not forward_key.allows(model):
+            # Reading (listing models, fetching a file) names no model and uses none; anything else must.
+            if not forward_key.allows(model) and not (model is None and request.method in (b"GET", b"HEAD")):
                 return send_error(request, errors.model_denied(model))
         Exchange(self, active, request, decision, body, ip, from_api_key).start()
 

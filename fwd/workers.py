@@ -22,6 +22,7 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python import failure
 
 from fwd import config as configuration
+from fwd.daemon import with_backlog
 
 log = Logger(namespace="fwd.workers")
 
@@ -82,7 +83,7 @@ class Supervisor(service.Service):
         super().privilegedStartService()
         for description in self.config.ports:
             try:
-                endpoint = serverFromString(self.reactor, description)
+                endpoint = serverFromString(self.reactor, with_backlog(description))
             except Exception as e:
                 raise configuration.ConfigError(f"--port {description}: {e}") from None
             outcome = []
