@@ -443,6 +443,8 @@ def read_config_file(path: str) -> dict:
         raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text; save it as UTF-8") from None
     return data
 
 

@@ -136,19 +136,20 @@ class Listener(StreamServerEndpointService):
             ) from None
 
 
-class Drain(service.Service):
+class Drain(service.MultiService):
     """On shutdown: running requests and streams finish, then client connections close once their last bytes
-    are flushed, all within GRACE_PERIOD seconds."""
+    are flushed, all within GRACE_PERIOD seconds; only then do its children (the upstream pool, the
+    transcript file) stop, so the last exchanges still reach them."""
 
     POLL = 0.05
 
     def __init__(self, forwarder: Forwarder, site: ForwardSite, clock):
+        super().__init__()
         self.forwarder = forwarder
         self.site = site
         self.clock = clock
 
     def stopService(self):
-        super().stopService()
         grace = self.forwarder.config.grace_period
         deadline = self.clock.seconds() + grace
         idle = self.forwarder.drain()
@@ -161,6 +162,7 @@ class Drain(service.Service):
 
         idle.addTimeout(grace, self.clock).addErrback(cut)
         idle.addCallback(lambda _: self._close_connections(deadline))
+        idle.addCallback(lambda _: super(Drain, self).stopService())
         return idle
 
     def _close_connections(self, deadline: float) -> defer.Deferred:
@@ -211,6 +213,9 @@ class Reload(service.Service):
             config = self.load()
         except configuration.ConfigError as problem:
             log.error("reload refused, the running configuration stays: {problem}", problem=str(problem))
+            return False
+        except Exception:
+            log.failure("reload refused, the running configuration stays")
             return False
         changed = [name for name in RESTART_ONLY if getattr(config, name) != getattr(running, name)]
         if changed:
@@ -274,14 +279,16 @@ def build_service(
         from twisted.internet import reactor
     top = service.MultiService()
     upstream = UpstreamPool(reactor)
-    upstream.setServiceParent(top)
     agent = Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, config.timeout), pool=upstream.pool)
     transcripts = check_transcripts(config) if inherited is None else None
-    if transcripts is not None:
-        transcripts.setServiceParent(top)
     forwarder = Forwarder(config, agent, reactor)
     top.forwarder = forwarder
     site = ForwardSite(forwarder)
+    drain = Drain(forwarder, site, reactor)
+    drain.setServiceParent(top)
+    upstream.setServiceParent(drain)
+    if transcripts is not None:
+        transcripts.setServiceParent(drain)
     for number, description in enumerate(config.ports):
         if inherited is not None:
             from fwd.workers import AdoptedPort
@@ -298,7 +305,6 @@ def build_service(
         MetricsService(config.metrics_port, status, reactor).setServiceParent(top)
     if load is not None:
         Reload(forwarder, site, load, reactor).setServiceParent(top)
-    Drain(forwarder, site, reactor).setServiceParent(top)
     if inherited is None:
         StartupReport(config).setServiceParent(top)
     return top

@@ -113,9 +113,13 @@ class KeyPool:
         return counts
 
     def states(self) -> list[tuple[str, str]]:
-        """(masked key, state) pairs for metrics."""
+        """(masked key, state) pairs for metrics; keys that mask alike get their place in the pool added."""
         now = self.clock.seconds()
-        return [(s.masked, self._status(s, now)) for s in self._states]
+        masks = [s.masked for s in self._states]
+        return [
+            (masked if masks.count(masked) == 1 else f"{masked} #{n}", self._status(state, now))
+            for n, (masked, state) in enumerate(zip(masks, self._states), 1)
+        ]
 
     @staticmethod
     def _status(state: KeyState, now: float) -> str:
