@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 UPSTREAM_PY = HERE / "upstream.py"
 REF_VENV = HERE / ".venv-reference"
 REF_PKGS = ["openai-forward==0.8.1", "pyyaml"]  # it imports yaml without declaring it
-PROXIES = ("fwd", "reference", "nginx")
+PROXIES = ("fwd", "fwd+chat", "reference", "nginx")  # fwd+chat: this proxy with LOG_CHAT=true
 HOST = "127.0.0.1"
 
 CHAT_BODY = '{"model":"gpt-3.5-turbo","messages":[{"role":"user","content":"Say hello in one short sentence."}]}'
@@ -196,7 +196,7 @@ def wait_ready(proc, port, timeout):
 
 # --------------------------------------------------------------------------- proxies
 
-def fwd_command(args, port, up_port):
+def fwd_command(args, port, up_port, extra_env=()):
     if args.fwd_cmd:
         cmd = shlex.split(args.fwd_cmd.format(port=port, upstream=up_port, python=sys.executable))
     else:
@@ -208,7 +208,7 @@ def fwd_command(args, port, up_port):
         cmd = [str(twistd), "-n", "--pidfile=", "openai-forward", "--port", "tcp:%d:interface=%s" % (port, HOST)]
     env = base_env()
     env["OPENAI_BASE_URL"] = "http://%s:%d" % (HOST, up_port)
-    for kv in args.fwd_env:
+    for kv in [*args.fwd_env, *extra_env]:
         k, _, v = kv.partition("=")
         env[k] = v
     return (cmd, env), None
@@ -671,6 +671,8 @@ def render(results, names, fmt_notes):
     cols = names + (["upstream"] if results.get("upstream") else [])
     head = ["metric"] + cols
     ratios = []
+    if "fwd" in names and "fwd+chat" in names:
+        ratios.append(("fwd/fwd+chat", "fwd+chat"))
     if "fwd" in names and "reference" in names:
         ratios.append(("fwd/reference", "reference"))
     if "fwd" in names and "nginx" in names:
@@ -707,7 +709,8 @@ def main(argv=None):
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of a-c, alternating proxies (default 2)")
     ap.add_argument("--mem-rounds", type=int, default=1, help="rounds of d-e, after the others (default 1)")
-    ap.add_argument("--only", default=",".join(PROXIES), help="comma list of fwd,reference,nginx")
+    ap.add_argument("--only", default="fwd,reference,nginx",
+                    help="comma list of fwd,fwd+chat,reference,nginx (fwd+chat: with transcripts on)")
     ap.add_argument("--skip", default="", help="comma list of tests to skip: plain,streams,latency,mem,slow")
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--fwd-cmd", help="override the fwd command; {port} {upstream} {python} are substituted")
@@ -783,6 +786,8 @@ def main(argv=None):
             port = free_port()
             if name == "fwd":
                 spec, err = fwd_command(args, port, up_port)
+            elif name == "fwd+chat":
+                spec, err = fwd_command(args, port, up_port, ["LOG_CHAT=true", "LOG_DIR=Log"])
             elif name == "reference":
                 spec, err = reference_command(args, port, up_port)
             else:

@@ -1,9 +1,10 @@
 """Transcripts on twisted.logger: one event per exchange, written to LOG_DIR/chat.jsonl by their own observer.
 
-Transcripts travel on their own namespace. ``TranscriptService`` adds a ``TranscriptFile`` observer
-to the global log publisher while it runs. Their format is empty, so a text log (twistd's own) writes
-no line for them; an observer that renders whole events (JSON) must be wrapped as
-``FilteringLogObserver(observer, [notTranscripts])`` so it does not repeat them.
+Transcripts travel on their own namespace and their own publisher, ``transcriptPublisher``, not the global
+one: the main log (twistd's, text or JSON) never sees them and spends nothing on them. ``TranscriptService``
+adds a ``TranscriptFile`` observer to that publisher while it runs; a worker of ``--workers`` adds its pipe to
+the supervisor instead. Should transcript events ever reach a general observer, ``notTranscripts`` filters
+them out.
 """
 
 from __future__ import annotations
@@ -14,21 +15,22 @@ import tempfile
 from typing import Any
 
 from twisted.application import service
-from twisted.logger import ILogObserver, LogEvent, Logger, LogPublisher, PredicateResult, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, Logger, LogPublisher, PredicateResult
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 TRANSCRIPT_NAMESPACE = "fwd.transcript"
 TRANSCRIPT_FILENAME = "chat.jsonl"
 
-transcriptLog = Logger(namespace=TRANSCRIPT_NAMESPACE)
+transcriptPublisher = LogPublisher()
+transcriptLog = Logger(namespace=TRANSCRIPT_NAMESPACE, observer=transcriptPublisher)
 _log = Logger(namespace="fwd.chatlog")
 
 
 def emit(record: dict[str, Any]) -> None:
     """Publish one finished transcript record as a single log event.
 
-    Its format is empty, so twistd's text log writes no line for it: transcripts go to chat.jsonl only.
+    Its format is empty too, so even a text observer given it would write no line.
     """
     transcriptLog.info("", transcript=record, transcript_uid=record.get("uid"))
 
@@ -115,7 +117,7 @@ class TranscriptService(service.Service):
         self.directory = directory
         self.rotate_length = rotate_length
         self.max_rotated = max_rotated
-        self.publisher = globalLogPublisher if publisher is None else publisher
+        self.publisher = transcriptPublisher if publisher is None else publisher
         self.observer: TranscriptFile | None = None
 
     def startService(self) -> None:

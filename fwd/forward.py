@@ -8,10 +8,10 @@ transport as the client's producer so a slow client pauses the upstream instead 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
-import uuid
 from email.utils import parsedate_to_datetime
 from urllib.parse import unquote_to_bytes
 
@@ -27,15 +27,19 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from fwd import access, errors
+from fwd import access, chatlog, errors
 from fwd.config import Config, Route
 from fwd.headers import is_event_stream, request_headers, response_headers
 from fwd.keys import KeyPool
+from fwd.transcript import Transcript, transcript_kind
 
 log = Logger(namespace="fwd.forward")
 accessLog = Logger(namespace="fwd.access")
 
 RETRY_STATUSES = frozenset({401, 403, 429})
+# Transcript uids: random per process, then counted; unique across workers and restarts, and cheap.
+UID_PREFIX = os.urandom(6).hex()
+uid_counter = itertools.count()
 JSON = [b"application/json"]
 
 
@@ -342,8 +346,6 @@ class Exchange:
         return headers
 
     def _start_transcript(self) -> bool:
-        from fwd.transcript import Transcript, transcript_kind
-
         path = self.request.path.decode("latin-1")
         kind = transcript_kind(path)
         if kind is None:
@@ -351,7 +353,7 @@ class Exchange:
         ctype = self.request.requestHeaders.getRawHeaders(b"content-type", [b""])[0].decode("latin-1")
         self.transcript = Transcript(
             kind=kind,
-            uid=uuid.uuid4().hex,
+            uid=f"{UID_PREFIX}{next(uid_counter):010x}",
             time=time.time(),
             client=self.ip,
             caller=self.decision.caller,
@@ -496,8 +498,6 @@ class Exchange:
             forwarder.streams -= 1
         now = self.clock.seconds()
         if self.transcript is not None:
-            from fwd import chatlog
-
             transcript = self.transcript
             if self.ttfb is None:
                 transcript.response_started(self.status, "application/json", (now - self.started) * 1000)

@@ -18,6 +18,9 @@ _KINDS = (
 
 _ERROR_SNIPPET = 1000
 _SSE_LINE_LIMIT = 1_048_576
+# Relayed stream bytes wait here and are folded into the assembly in bulk: one SSE parse and one JSON decode
+# per fold instead of one per chunk keeps transcripts cheap on the relay path, and memory stays bounded.
+_FOLD_AT = 64 * 1024
 _EMBEDDING_MARK = b'"index"'
 _USAGE_TAIL = 4096
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
@@ -33,10 +36,15 @@ def transcript_kind(path: str) -> str | None:
     return None
 
 
+_second_rendered: list = [None, ""]
+
+
 def _iso_utc(when: float) -> str:
-    """Render a Unix time as ISO-8601 UTC with milliseconds."""
-    stamp = datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
+    """Render a Unix time as ISO-8601 UTC with milliseconds (the date part is computed once a second)."""
+    second = int(when)
+    if _second_rendered[0] != second:
+        _second_rendered[:] = [second, datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_second_rendered[1]}.{int((when - second) * 1000):03d}Z"
 
 
 def _is_event_stream(content_type: str | None) -> bool:
@@ -275,6 +283,8 @@ class Transcript:
         self._embeddings = 0
         self._carry = b""
         self._tail = b""
+        self._pending: list[bytes] = []
+        self._pending_size = 0
 
     def response_started(self, status: int, content_type: str | None, ttfb_ms: float) -> None:
         """Note the upstream status and headers' arrival; choose how the body will be read."""
@@ -310,8 +320,10 @@ class Transcript:
             self._body_size += len(chunk)
             if self._done:
                 return
-            for event in self._parser.feed(chunk):
-                self._on_event(event.data)
+            self._pending.append(chunk)
+            self._pending_size += len(chunk)
+            if self._pending_size >= _FOLD_AT:
+                self._fold()
             return
         if self._mode == "embeddings":
             # A mark split across chunks lies within the previous chunk's last 6 bytes plus this one's first 6.
@@ -330,17 +342,39 @@ class Transcript:
 
     # -- streams ---------------------------------------------------------------------------------------
 
-    def _on_event(self, data: str) -> None:
-        """Fold one SSE event into the assembly."""
-        self._events += 1
-        if data == "[DONE]":
-            self._done = True
+    def _fold(self) -> None:
+        """Parse the stream bytes waiting since the last fold and add their events to the assembly."""
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending = []
+        self._pending_size = 0
+        payloads = []
+        for event in self._parser.feed(data):
+            self._events += 1
+            if event.data == "[DONE]":
+                self._done = True
+                break
+            payloads.append(event.data)
+        if not payloads:
             return
         try:
-            obj = json.loads(data)
+            # One decode for the whole batch; a batch with a bad event is decoded event by event instead.
+            objects = json.loads("[" + ",".join(payloads) + "]")
+            if len(objects) != len(payloads):
+                raise ValueError("an event held more than one value")
         except _JSON_ERRORS:
-            self._bad_events += 1
-            return
+            objects = []
+            for payload in payloads:
+                try:
+                    objects.append(json.loads(payload))
+                except _JSON_ERRORS:
+                    objects.append(None)
+        for obj in objects:
+            self._on_object(obj)
+
+    def _on_object(self, obj: Any) -> None:
+        """Fold one decoded stream event into the assembly."""
         if not isinstance(obj, dict):
             self._bad_events += 1
             return
@@ -580,6 +614,7 @@ class Transcript:
         if self._mode == "error":
             own_error = _upstream_error(body, self.status or 0)
         elif self._mode == "sse":
+            self._fold()
             truncated = self._budget.cut
             if self._choices:
                 response = self._with_choices([(i, c.message(self.kind)) for i, c in self._choices.items()])

@@ -21,6 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python import failure
 
+from fwd import chatlog
 from fwd import config as configuration
 from fwd.daemon import with_backlog
 
@@ -128,10 +129,13 @@ class Supervisor(service.Service):
             log.info("worker {number}: {line}", number=number, line=line.decode("utf-8", "replace"))
             return
         event["worker"] = number
-        if event.get("log_namespace") == STATUS_NAMESPACE:
+        namespace = event.get("log_namespace")
+        if namespace == STATUS_NAMESPACE:
             self.statuses[number] = event.get("status") or {}
-            return
-        globalLogPublisher(event)
+        elif namespace == chatlog.TRANSCRIPT_NAMESPACE:
+            chatlog.transcriptPublisher(event)
+        else:
+            globalLogPublisher(event)
 
     def worker_ended(self, worker: WorkerProtocol, reason) -> None:
         number = worker.number
@@ -241,7 +245,9 @@ def run_worker() -> None:
 
     from fwd.daemon import build_service
 
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout, recordSeparator="")], redirectStandardIO=False)
+    to_supervisor = jsonFileLogObserver(sys.stdout, recordSeparator="")
+    globalLogBeginner.beginLoggingTo([to_supervisor], redirectStandardIO=False)
+    chatlog.transcriptPublisher.addObserver(to_supervisor)
     cli = json.loads(os.environ[ENV_CLI])
     config_file = os.environ.get(ENV_CONFIG) or None
     fds = [int(fd) for fd in os.environ[ENV_FDS].split(",") if fd]
