@@ -227,6 +227,10 @@ class Forwarder:
 
     def handle(self, request) -> None:
         """Serve one fully received request: locally, with an error, or by forwarding it."""
+        if self.draining and isinstance(request.channel, HTTPChannel):
+            # Shutting down: answer, then close, so keep-alive clients take their next request elsewhere.
+            request.channel.persistent = False
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         path = request.path
         if path == b"/healthz":
             return self.health(request)
