@@ -17,6 +17,7 @@ setup(
         "service-identity>=24.1",
         "pyopenssl>=24.2",
         "prometheus-client>=0.20",
+        "orjson>=3.9",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "openai>=1.40"],

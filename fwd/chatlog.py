@@ -14,6 +14,7 @@ import os
 import tempfile
 from typing import Any
 
+import orjson
 from twisted.application import service
 from twisted.logger import ILogObserver, LogEvent, Logger, LogPublisher, PredicateResult
 from twisted.python.logfile import LogFile
@@ -33,6 +34,15 @@ def emit(record: dict[str, Any]) -> None:
     Its format is empty too, so even a text observer given it would write no line.
     """
     transcriptLog.info("", transcript=record, transcript_uid=record.get("uid"))
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """One record as a line of UTF-8 JSON: orjson, or the standard encoder for what orjson refuses (integers
+    beyond 64 bits, non-string keys)."""
+    try:
+        return orjson.dumps(record, default=str)
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8", "replace")
 
 
 def notTranscripts(event: LogEvent) -> PredicateResult:
@@ -84,9 +94,8 @@ class TranscriptFile:
         if not isinstance(record, dict):
             return
         try:
-            line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
             # Bytes, so LogFile's size count (and so rotation) is in bytes, not characters.
-            self._file.write(line.encode("utf-8", "replace"))
+            self._file.write(encode_record(record) + b"\n")
             self._file.flush()
             self.written += 1
         except Exception as e:

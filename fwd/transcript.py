@@ -7,6 +7,8 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
+
 from fwd.sse import SSEParser
 
 _KINDS = (
@@ -57,7 +59,7 @@ def _is_event_stream(content_type: str | None) -> bool:
 def _upstream_error(body: bytes, status: int) -> str:
     """The message of an upstream error body: OpenAI's error.message, else the start of the body."""
     try:
-        parsed = json.loads(body)
+        parsed = _loads(body)
     except _JSON_ERRORS:
         parsed = None
     if isinstance(parsed, dict):
@@ -71,6 +73,15 @@ def _upstream_error(body: bytes, status: int) -> str:
 
 
 _JSON_ERRORS = (ValueError, TypeError, RecursionError)
+
+
+def _loads(data: str | bytes) -> Any:
+    """Decode JSON fast with orjson; what only the lenient standard parser accepts (NaN, deep nesting, lone
+    surrogates) still decodes, and what neither accepts raises one of _JSON_ERRORS."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def _clip(root: Any, limit: int) -> bool:
@@ -360,14 +371,14 @@ class Transcript:
             return
         try:
             # One decode for the whole batch; a batch with a bad event is decoded event by event instead.
-            objects = json.loads("[" + ",".join(payloads) + "]")
+            objects = _loads("[" + ",".join(payloads) + "]")
             if len(objects) != len(payloads):
                 raise ValueError("an event held more than one value")
         except _JSON_ERRORS:
             objects = []
             for payload in payloads:
                 try:
-                    objects.append(json.loads(payload))
+                    objects.append(_loads(payload))
                 except _JSON_ERRORS:
                     objects.append(None)
         for obj in objects:
@@ -553,7 +564,7 @@ class Transcript:
     def _request(self) -> tuple[Any, str | None]:
         """The parsed request body, or None with a note when it is not JSON."""
         try:
-            return json.loads(self.request_body), None
+            return _loads(self.request_body), None
         except _JSON_ERRORS:
             return None, "request body is not JSON"
 
@@ -634,7 +645,7 @@ class Transcript:
                 usage = _USAGE_RE.search(self._tail)
                 if usage:
                     try:
-                        self._usage = json.loads(usage.group(1))
+                        self._usage = _loads(usage.group(1))
                     except _JSON_ERRORS:
                         pass
                 model = _MODEL_RE.search(body)
@@ -647,7 +658,7 @@ class Transcript:
                 )
         elif body or not partial:
             try:
-                parsed = json.loads(body)
+                parsed = _loads(body)
             except _JSON_ERRORS:
                 parsed = None
                 problems.append("response body is not JSON")
