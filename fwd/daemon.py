@@ -13,7 +13,14 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.error import CannotListenError
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _ensureValidURI,
+    _HTTP11ClientFactory,
+)
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -46,6 +53,31 @@ class UpstreamEndpoints:
                 endpoint = wrapClientTLS(self.tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
             self.endpoints[key] = endpoint
         return endpoint
+
+
+class UpstreamAgent(Agent):
+    """Agent.request without re-parsing each URL: the scheme, host and port of an upstream are parsed once,
+    and only the path and query change per request."""
+
+    def _init(self, reactor, endpointFactory, pool):
+        super()._init(reactor, endpointFactory, pool)
+        self.origins: dict[tuple[bytes, bytes], URI] = {}
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        uri = _ensureValidURI(uri.strip())
+        scheme, _, rest = uri.partition(b"://")
+        netloc, slash, path = rest.partition(b"/")
+        if b"#" in path or b"@" in netloc:
+            return super().request(method, uri, headers, bodyProducer)
+        origin = self.origins.get((scheme, netloc))
+        if origin is None:
+            origin = self.origins[(scheme, netloc)] = URI.fromBytes(scheme + b"://" + netloc)
+        target = slash + path
+        parsed = URI(scheme, netloc, origin.host, origin.port, target, b"", b"", b"")
+        key = (scheme, origin.host, origin.port)
+        return self._requestWithEndpoint(
+            key, self._getEndpoint(parsed), method, parsed, headers, bodyProducer, target
+        )
 
 
 class QuietClientFactory(_HTTP11ClientFactory):
@@ -279,7 +311,7 @@ def build_service(
         from twisted.internet import reactor
     top = service.MultiService()
     upstream = UpstreamPool(reactor)
-    agent = Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, config.timeout), pool=upstream.pool)
+    agent = UpstreamAgent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, config.timeout), pool=upstream.pool)
     transcripts = check_transcripts(config) if inherited is None else None
     forwarder = Forwarder(config, agent, reactor)
     top.forwarder = forwarder

@@ -13,7 +13,7 @@ import json
 import os
 import time
 from email.utils import parsedate_to_datetime
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import attrs
 from twisted.internet import defer
@@ -74,6 +74,7 @@ class ActiveRoute:
     table: access.ForwardKeyTable
     prefix: bytes
     base: bytes
+    host: bytes
 
     @classmethod
     def build(cls, route: Route, clock) -> ActiveRoute:
@@ -83,6 +84,7 @@ class ActiveRoute:
             table=access.ForwardKeyTable(route.forward_keys),
             prefix=route.prefix.encode(),
             base=route.base_url.encode(),
+            host=host_header(route.base_url),
         )
 
     def matches(self, path: bytes) -> bool:
@@ -94,6 +96,19 @@ class ActiveRoute:
         if not rest.startswith(b"/"):
             rest = b"/" + rest
         return self.base + rest
+
+
+def host_header(base_url: str) -> bytes:
+    """The Host an upstream expects: its host name, and its port unless that is the scheme's default."""
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    name = host.encode() if host.isascii() else host.encode("idna")
+    if b":" in name:
+        name = b"[" + name + b"]"
+    port = parts.port
+    if port is None or (parts.scheme, port) in (("http", 80), ("https", 443)):
+        return name
+    return b"%s:%d" % (name, port)
 
 
 def escapes(path: bytes) -> bool:
@@ -339,6 +354,7 @@ class Exchange:
         headers = request_headers(
             self.request.requestHeaders.getAllRawHeaders(), self.forwarder.hop_prefix, drop_credentials=substitute
         )
+        headers.append((b"host", [self.active.host]))
         if substitute and decision.client_key is not None:
             if self.from_api_key:
                 headers.append((b"api-key", [decision.client_key.encode("latin-1")]))

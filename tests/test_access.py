@@ -352,3 +352,13 @@ def test_the_upstream_url_strips_the_prefix_and_keeps_the_query_verbatim():
     )
     assert route.upstream_url(b"/openai?x=1") == b"https://up.example/base/?x=1"
     assert active("").upstream_url(b"/v1/models") == b"https://up.example/base/v1/models"
+
+
+def test_the_upstream_host_header_names_the_host_and_only_a_non_default_port():
+    from fwd.forward import host_header
+
+    assert host_header("https://api.openai.com") == b"api.openai.com"
+    assert host_header("https://x.openai.azure.com:443/") == b"x.openai.azure.com"
+    assert host_header("http://127.0.0.1:8080/v1") == b"127.0.0.1:8080"
+    assert host_header("http://[::1]:9000") == b"[::1]:9000"
+    assert host_header("http://bücher.example:81") == b"xn--bcher-kva.example:81"
