@@ -3,6 +3,13 @@
 `ForwardRequest` enforces MAX_BODY_SIZE while the body arrives (413 before it is buffered) and hands every
 complete request straight to the Forwarder, skipping twisted.web's resource traversal and form parsing,
 which a forwarding proxy never needs.
+
+`ForwardChannel` is twisted.web's HTTP/1.1 parser made strict where a lenient parser lets requests be smuggled
+past a front proxy (obs-fold, any Transfer-Encoding but a lone `chunked`, Transfer-Encoding on HTTP/1.0), and
+guarded against slow clients: a connection idle for CONNECTION_IDLE_SECONDS is closed, and a request head not
+complete HEADER_TIMEOUT_SECONDS after its first byte gets a 408 and the connection closed, however the bytes
+trickle in.  While a request is being answered twisted.web suspends the idle timeout, so running streams are
+never cut by either.  Tests: tests/test_faults.py
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import weakref
 
 from twisted.python import failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
 from fwd import errors
@@ -68,13 +75,118 @@ class ForwardRequest(Request):
             send_error(self, errors.ProxyError(500, "The proxy failed; see its log.", type="server_error"))
 
 
+# A connection with no request running and no byte received for this long is closed (twisted.web's own
+# default is 12 hours).  Above the keep-alive expiry of common clients, like nginx's keepalive_timeout.
+CONNECTION_IDLE_SECONDS = 75
+# A request head (request line and headers) must be complete this long after its first byte arrived.
+HEADER_TIMEOUT_SECONDS = 20
+
+
+def _raw_error(status: bytes, error: errors.ProxyError) -> bytes:
+    """A whole OpenAI-shaped error response that closes the connection, for errors before a Request exists."""
+    body = error.body()
+    return (
+        b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (status, len(body), body)
+    )
+
+
+BAD_REQUEST = _raw_error(
+    b"400 Bad Request",
+    errors.ProxyError(400, "Malformed HTTP request: the proxy could not frame it.", code="bad_http_request"),
+)
+HEAD_TIMEOUT = _raw_error(
+    b"408 Request Timeout",
+    errors.ProxyError(
+        408, f"The request headers did not arrive within {HEADER_TIMEOUT_SECONDS} s.", code="request_timeout"
+    ),
+)
+
+
+_CONTROL = bytes(c for c in range(32) if c != 9) + b"\x7f"
+
+
+class ForwardChannel(HTTPChannel):
+    """twisted.web's HTTP/1.1 channel, strict about message framing and with a deadline for request heads."""
+
+    header_timeout: float = HEADER_TIMEOUT_SECONDS
+    _head_deadline = None
+
+    def dataReceived(self, data):
+        if self._head_deadline is None and data and self.line_mode and not self._handlingRequest:
+            self._head_deadline = self.callLater(self.header_timeout, self._head_timed_out)
+        super().dataReceived(data)
+
+    def lineReceived(self, line):
+        if line[:1] in (b" ", b"\t") and not self._HTTPChannel__first_line:
+            # obs-fold: a header continued on the next line; RFC 9112 5.2 lets a server reject it, and a
+            # proxy must, as the hop in front of it may have read the headers differently.
+            return self._respondToBadRequestAndDisconnect()
+        super().lineReceived(line)
+
+    def headerReceived(self, line):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"transfer-encoding" and (
+            value.strip(b" \t").lower() != b"chunked" or self._version != b"HTTP/1.1"
+        ):
+            # Only a lone `chunked` on HTTP/1.1 frames a body the same way for every hop (RFC 9112 6.1).
+            self._respondToBadRequestAndDisconnect()
+            return False
+        if len(value.translate(None, _CONTROL)) != len(value):
+            # Control characters are not field content (RFC 9110 5.5); forwarded, they trip up upstreams.
+            self._respondToBadRequestAndDisconnect()
+            return False
+        return super().headerReceived(line)
+
+    def allHeadersReceived(self):
+        self._cancel_head_deadline()
+        super().allHeadersReceived()
+
+    def requestDone(self, request):
+        super().requestDone(request)
+        if (
+            self.persistent and self._buffer and self.line_mode and not self._handlingRequest
+            and self._head_deadline is None and self.transport is not None
+        ):
+            # The next request's head was pipelined behind this one and is still incomplete.
+            self._head_deadline = self.callLater(self.header_timeout, self._head_timed_out)
+
+    def _head_timed_out(self):
+        self._head_deadline = None
+        if self._handlingRequest or not self.line_mode:
+            return
+        self.transport.write(HEAD_TIMEOUT)
+        self.timeoutConnection()
+
+    def _cancel_head_deadline(self):
+        if self._head_deadline is not None:
+            if self._head_deadline.active():
+                self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _respondToBadRequestAndDisconnect(self):
+        self._cancel_head_deadline()
+        self.transport.write(BAD_REQUEST)
+        self.loseConnection()
+
+    def connectionLost(self, reason):
+        self._cancel_head_deadline()
+        super().connectionLost(reason)
+
+
 class ForwardSite(Site):
     """The client-facing HTTP factory: every request goes to one Forwarder."""
 
     requestFactory = ForwardRequest
     displayTracebacks = False
 
+    def protocol(self):
+        return _GenericHTTPChannelProtocol(ForwardChannel())
+
     def __init__(self, forwarder: Forwarder, **kwargs):
+        # Connection timeouts run on the forwarder's clock: the reactor in the daemon, a Clock in tests.
+        kwargs.setdefault("timeout", CONNECTION_IDLE_SECONDS)
+        kwargs.setdefault("reactor", forwarder.clock)
         super().__init__(None, parsePOSTFormSubmission=False, **kwargs)
         self.forwarder = forwarder
         self.max_body_size = forwarder.config.max_body_size
