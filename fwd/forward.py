@@ -18,6 +18,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import attrs
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.interfaces import IWriteDescriptor
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import failure
@@ -551,7 +552,12 @@ def abort(request) -> None:
     if abort_stream is not None:
         abort_stream()
     elif channel.transport is not None:
-        channel.transport.abortConnection()
+        transport = channel.transport
+        if IWriteDescriptor.providedBy(transport):
+            # Hand the kernel what was already relayed: a reset discards anything still in our buffer,
+            # and the client should see the partial answer, then the break.
+            transport.doWrite()
+        transport.abortConnection()
 
 
 class Discard(Protocol):
