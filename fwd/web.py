@@ -20,7 +20,7 @@ from twisted.python import failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
-from fwd import errors
+from fwd import access, errors
 from fwd.forward import Forwarder, log, log_access, send_error
 
 
@@ -50,9 +50,12 @@ class ForwardRequest(Request):
     def reject_body(self) -> None:
         """Answer 413 now and close, without reading (or storing) the rest of the body."""
         self.rejected = True
-        error = errors.body_too_large(self.channel.site.max_body_size)
+        site = self.channel.site
+        error = errors.body_too_large(site.max_body_size)
         channel = self.channel
         if isinstance(channel, HTTPChannel):
+            self.method = channel._command
+            self.path = channel._path.split(b"?", 1)[0]
             body = error.body()
             channel.transport.write(
                 b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
@@ -60,8 +63,20 @@ class ForwardRequest(Request):
             )
             channel.transport.pauseProducing()
             channel.transport.loseConnection()
-        else:
-            send_error(self, error)
+            now = site.forwarder.clock.seconds()
+            self.code = 413
+            self.sentLength = len(body)
+            site.log(self, started=now)
+        # HTTP/2: twisted.web drops the whole connection if a stream is answered while its DATA frames still
+        # arrive, so the 413 goes out when the stream ends; until then its body is discarded, never kept.
+
+    def requestReceived(self, command, path, version):
+        if not self.rejected:
+            return super().requestReceived(command, path, version)
+        if not isinstance(self.channel, HTTPChannel):
+            self.method, self.uri = command, path
+            self.path = path.split(b"?", 1)[0]
+            send_error(self, errors.body_too_large(self.channel.site.max_body_size))
 
     def process(self):
         if self.rejected:
@@ -202,17 +217,21 @@ class ForwardSite(Site):
         transports = (getattr(p._channel, "transport", None) for p in self.connections)
         return [t for t in transports if t is not None and t.connected]
 
-    def log(self, request):
+    def log(self, request, started: float | None = None):
         """Access-log requests the proxy answered itself; forwarded ones are logged when their exchange ends."""
         if request.exchange is not None:
             return
-        now = self.forwarder.clock.seconds()
+        forwarder = self.forwarder
+        now = forwarder.clock.seconds()
+        peer = getattr(request.getClientAddress(), "host", "unix")
+        trusted = forwarder.config.trusted_proxies
+        client = access.client_ip(peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for"), trusted) if trusted else peer
         log_access(
             request,
-            client=getattr(request.getClientAddress(), "host", "unix"),
+            client=client,
             status=request.code,
             sent=request.sentLength,
-            started=getattr(request, "started", now),
+            started=getattr(request, "started", now) if started is None else started,
             now=now,
             caller="-",
             route="-",

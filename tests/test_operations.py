@@ -355,11 +355,6 @@ def test_a_reload_does_not_bring_back_a_key_the_upstream_rejected():
 # the access log, in memory: what the twistd log line is made of
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fwd.web.ForwardSite.log logs the socket peer, not the TRUSTED_PROXIES-resolved client that forwarded "
-    "requests log",
-)
 def test_behind_a_trusted_proxy_a_refused_request_is_logged_with_the_real_client(logged):
     proxy = MemoryProxy(api_key=POOL_KEYS[0], forward_key=FORWARD_KEY, trusted_proxies="127.0.0.1")
     headers = {"authorization": "Bearer fk-not-a-known-key-0000", "x-forwarded-for": "203.0.113.7"}
@@ -369,10 +364,6 @@ def test_behind_a_trusted_proxy_a_refused_request_is_logged_with_the_real_client
     assert clients == ["203.0.113.7", "203.0.113.7"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fwd.web.ForwardRequest.reject_body answers 413 straight on the transport and never logs an access event",
-)
 def test_a_request_refused_as_too_large_has_an_access_log_line(logged):
     proxy = MemoryProxy(max_body_size="1000")
     transport = proxy.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 5000\r\n\r\n")
@@ -689,11 +680,6 @@ def test_http2_over_tls_streams_chunk_by_chunk_and_http11_still_works_on_the_sam
     assert lines[0][3:5] == ("200", str(len(stream.body)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fwd.web.ForwardRequest.reject_body writes the 413 from inside gotLength, which HTTP/2 calls before the "
-    "stream is registered: KeyError, and the whole HTTP/2 connection is dropped",
-)
 def test_over_http2_a_body_above_max_body_size_gets_a_413(tls):
     with httpx.Client(http2=True, verify=tls.verify, timeout=10) as h2:
         too_large = h2.post(tls.url + "/v1/chat/completions", content=b"x" * (100 * 1024))
