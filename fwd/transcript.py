@@ -309,6 +309,7 @@ class Transcript:
             self._mode = "sse"
             # One event line can carry more than a small content limit; the parser bound is about memory only.
             self._parser = SSEParser(max_line=max(self.limit, _SSE_LINE_LIMIT))
+            self.feed = self._feed_stream  # called per relayed chunk: the shortest path there is
         elif self.kind == "embeddings":
             self._mode = "embeddings"
         else:
@@ -323,19 +324,26 @@ class Transcript:
             self._mode = "failed"
             self._failure = f"transcript assembly failed: {e!r}"
 
+    def _feed_stream(self, chunk: bytes) -> None:
+        """Take one relayed chunk of an event stream: keep it for the next bulk fold."""
+        self._body_size += len(chunk)
+        if self._done or self._mode != "sse":
+            return
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
+        if self._pending_size >= _FOLD_AT:
+            try:
+                self._fold()
+            except Exception as e:
+                self._mode = "failed"
+                self._failure = f"transcript assembly failed: {e!r}"
+
     def _feed(self, chunk: bytes) -> None:
         """Route one chunk to the stream parser or the bounded body buffer."""
         if self._mode == "failed":
             return
         if self._mode == "sse":
-            self._body_size += len(chunk)
-            if self._done:
-                return
-            self._pending.append(chunk)
-            self._pending_size += len(chunk)
-            if self._pending_size >= _FOLD_AT:
-                self._fold()
-            return
+            return self._feed_stream(chunk)
         if self._mode == "embeddings":
             # A mark split across chunks lies within the previous chunk's last 6 bytes plus this one's first 6.
             edge = len(_EMBEDDING_MARK) - 1
