@@ -10,13 +10,14 @@ them out.
 from __future__ import annotations
 
 import json
+import time
 import os
 import tempfile
 from typing import Any
 
 import orjson
 from twisted.application import service
-from twisted.logger import ILogObserver, LogEvent, Logger, LogPublisher, PredicateResult
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, LogPublisher, PredicateResult
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
@@ -31,9 +32,21 @@ _log = Logger(namespace="fwd.chatlog")
 def emit(record: dict[str, Any]) -> None:
     """Publish one finished transcript record as a single log event.
 
-    Its format is empty too, so even a text observer given it would write no line.
+    Its format is empty too, so even a text observer given it would write no line.  The event is built here
+    and handed to the publisher as Logger.info would, minus its per-call work: this runs once per exchange.
     """
-    transcriptLog.info("", transcript=record, transcript_uid=record.get("uid"))
+    transcriptPublisher(
+        {
+            "log_namespace": TRANSCRIPT_NAMESPACE,
+            "log_level": LogLevel.info,
+            "log_format": "",
+            "log_time": time.time(),
+            "log_source": None,
+            "log_logger": transcriptLog,
+            "transcript": record,
+            "transcript_uid": record.get("uid"),
+        }
+    )
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
@@ -79,12 +92,17 @@ class TranscriptFile:
         rotate_length: int = 50 * 1024 * 1024,
         max_rotated: int = 10,
         name: str = TRANSCRIPT_FILENAME,
+        clock=None,
     ) -> None:
         # Opening happens here, at startup: a bad directory fails loudly now, never per record later.
         self._file = LogFile(name, directory, rotateLength=rotate_length, maxRotatedFiles=max_rotated)
         self.path = self._file.path
         self.written = 0
         self.write_errors = 0
+        # With a clock, records written in one reactor turn are flushed together at its end (one system
+        # call for many exchanges under load); without one, each record is flushed as it is written.
+        self._clock = clock
+        self._flush_pending = None
 
     def __call__(self, event: LogEvent) -> None:
         """Write the event's record if it is a transcript; ignore every other event."""
@@ -96,16 +114,31 @@ class TranscriptFile:
         try:
             # Bytes, so LogFile's size count (and so rotation) is in bytes, not characters.
             self._file.write(encode_record(record) + b"\n")
-            self._file.flush()
             self.written += 1
+            if self._clock is None:
+                self._file.flush()
+            elif self._flush_pending is None:
+                self._flush_pending = self._clock.callLater(0, self.flush)
         except Exception as e:
-            self.write_errors += 1
-            if self.write_errors == 1:
-                _log.error(
-                    "cannot write transcripts to {path}: {problem}; further failures are only counted",
-                    path=self.path,
-                    problem=str(e),
-                )
+            self._failed(e)
+
+    def _failed(self, problem: Exception) -> None:
+        """Count a failed write; say so in the main log the first time only."""
+        self.write_errors += 1
+        if self.write_errors == 1:
+            _log.error(
+                "cannot write transcripts to {path}: {problem}; further failures are only counted",
+                path=self.path,
+                problem=str(problem),
+            )
+
+    def flush(self) -> None:
+        """Hand the records written so far to the operating system."""
+        self._flush_pending = None
+        try:
+            self._file.flush()
+        except Exception as e:
+            self._failed(e)
 
     def close(self) -> None:
         """Close the file (on service stop)."""
@@ -122,8 +155,10 @@ class TranscriptService(service.Service):
         rotate_length: int = 50 * 1024 * 1024,
         max_rotated: int = 10,
         publisher: LogPublisher | None = None,
+        clock=None,
     ) -> None:
         self.directory = directory
+        self.clock = clock
         self.rotate_length = rotate_length
         self.max_rotated = max_rotated
         self.publisher = transcriptPublisher if publisher is None else publisher
@@ -131,7 +166,7 @@ class TranscriptService(service.Service):
 
     def startService(self) -> None:
         """Open the file and start observing."""
-        self.observer = TranscriptFile(self.directory, self.rotate_length, self.max_rotated)
+        self.observer = TranscriptFile(self.directory, self.rotate_length, self.max_rotated, clock=self.clock)
         self.publisher.addObserver(self.observer)
         super().startService()
 
@@ -140,5 +175,6 @@ class TranscriptService(service.Service):
         super().stopService()
         if self.observer is not None:
             self.publisher.removeObserver(self.observer)
+            self.observer.flush()
             self.observer.close()
             self.observer = None

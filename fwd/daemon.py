@@ -284,7 +284,7 @@ class MetricsService(service.MultiService):
         return super().stopService()
 
 
-def check_transcripts(config: configuration.Config):
+def check_transcripts(config: configuration.Config, reactor):
     """The transcript file's service when LOG_CHAT is on; an unusable LOG_DIR stops startup."""
     if not config.log_chat:
         return None
@@ -293,7 +293,7 @@ def check_transcripts(config: configuration.Config):
     problem = chatlog.check_log_dir(config.log_dir)
     if problem:
         raise configuration.ConfigError(problem)
-    return chatlog.TranscriptService(config.log_dir)
+    return chatlog.TranscriptService(config.log_dir, clock=reactor)
 
 
 def build_service(
@@ -312,7 +312,7 @@ def build_service(
     top = service.MultiService()
     upstream = UpstreamPool(reactor)
     agent = UpstreamAgent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, config.timeout), pool=upstream.pool)
-    transcripts = check_transcripts(config) if inherited is None else None
+    transcripts = check_transcripts(config, reactor) if inherited is None else None
     forwarder = Forwarder(config, agent, reactor)
     top.forwarder = forwarder
     site = ForwardSite(forwarder)

@@ -193,7 +193,7 @@ def build_supervisor(config: configuration.Config, cli: dict, config_file: str |
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
-    transcripts = check_transcripts(config)
+    transcripts = check_transcripts(config, reactor)
     if transcripts is not None:
         transcripts.setServiceParent(top)
     supervisor = Supervisor(config, cli, config_file, reactor)

@@ -37,7 +37,7 @@ def test_one_line_per_record_and_other_events_ignored(tmp_path):
 
 def test_emit_reaches_the_file_but_not_the_filtered_main_log(tmp_path, monkeypatch):
     publisher = LogPublisher()
-    monkeypatch.setattr(chatlog, "transcriptLog", Logger(namespace=TRANSCRIPT_NAMESPACE, observer=publisher))
+    monkeypatch.setattr(chatlog, "transcriptPublisher", publisher)
     main_events = []
     publisher.addObserver(FilteringLogObserver(main_events.append, [notTranscripts]))
     observer = TranscriptFile(str(tmp_path))
@@ -46,6 +46,20 @@ def test_emit_reaches_the_file_but_not_the_filtered_main_log(tmp_path, monkeypat
     Logger(namespace="fwd.proxy", observer=publisher).info("started")
     assert [json.loads(line)["uid"] for line in read_lines(tmp_path / "chat.jsonl")] == ["u1"]
     assert [e["log_namespace"] for e in main_events] == ["fwd.proxy"]
+    observer.close()
+
+
+def test_with_a_clock_records_of_one_reactor_turn_are_flushed_together_at_its_end(tmp_path):
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    observer = TranscriptFile(str(tmp_path), clock=clock)
+    for n in range(3):
+        observer({"log_namespace": TRANSCRIPT_NAMESPACE, "transcript": record(n)})
+    assert len(clock.getDelayedCalls()) == 1, "one flush for the whole turn"
+    clock.advance(0)
+    assert [json.loads(line)["uid"] for line in read_lines(tmp_path / "chat.jsonl")] == ["u0", "u1", "u2"]
+    assert clock.getDelayedCalls() == []
     observer.close()
 
 
