@@ -215,7 +215,8 @@ class ForwardSite(Site):
     def open_connections(self) -> list:
         """Client connections still open, for a graceful shutdown."""
         transports = (getattr(p._channel, "transport", None) for p in self.connections)
-        return [t for t in transports if t is not None and t.connected]
+        # Socket transports say `connected`; in-memory test transports only `disconnected`.
+        return [t for t in transports if t is not None and getattr(t, "connected", not getattr(t, "disconnected", True))]
 
     def log(self, request, started: float | None = None):
         """Access-log requests the proxy answered itself; forwarded ones are logged when their exchange ends."""
