@@ -264,13 +264,20 @@ class Reload(service.Service):
 class MetricsService(service.MultiService):
     """Counts access events into Prometheus metrics and serves /metrics on its own listener."""
 
-    def __init__(self, description: str, status: Callable[[], dict], reactor):
+    def __init__(self, description: str, status: Callable[[], dict], transcripts, reactor):
+        """`status` describes the requests in flight and the keys; `transcripts` is the TranscriptService
+        whose write errors are counted, or None."""
         from twisted.web.server import Site
 
         from fwd.metrics import Metrics, MetricsResource
 
         super().__init__()
-        self.metrics = Metrics(status)
+
+        def everything() -> dict:
+            observer = transcripts.observer if transcripts is not None else None
+            return {**status(), "transcript_write_errors": observer.write_errors if observer else 0}
+
+        self.metrics = Metrics(everything)
         site = Site(MetricsResource(self.metrics))
         site.noisy = False
         Listener(description, site, reactor).setServiceParent(self)
@@ -329,12 +336,7 @@ def build_service(
             continue
         Listener(description, site, reactor).setServiceParent(top)
     if config.metrics_port and inherited is None:
-
-        def status() -> dict:
-            observer = transcripts.observer if transcripts is not None else None
-            return {**forwarder.status(), "transcript_write_errors": observer.write_errors if observer else 0}
-
-        MetricsService(config.metrics_port, status, reactor).setServiceParent(top)
+        MetricsService(config.metrics_port, forwarder.status, transcripts, reactor).setServiceParent(top)
     if load is not None:
         Reload(forwarder, site, load, reactor).setServiceParent(top)
     if inherited is None:

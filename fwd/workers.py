@@ -199,12 +199,7 @@ def build_supervisor(config: configuration.Config, cli: dict, config_file: str |
     supervisor = Supervisor(config, cli, config_file, reactor)
     supervisor.setServiceParent(top)
     if config.metrics_port:
-
-        def status() -> dict:
-            observer = transcripts.observer if transcripts is not None else None
-            return {**supervisor.status(), "transcript_write_errors": observer.write_errors if observer else 0}
-
-        MetricsService(config.metrics_port, status, reactor).setServiceParent(top)
+        MetricsService(config.metrics_port, supervisor.status, transcripts, reactor).setServiceParent(top)
     StartupReport(config).setServiceParent(top)
     return top
 
