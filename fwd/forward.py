@@ -274,7 +274,8 @@ class Forwarder:
         if route.kind == "azure":
             api_key = headers.getRawHeaders(b"api-key")
             if api_key:
-                credential, from_api_key = api_key[0].decode("latin-1").strip() or None, True
+                credential = api_key[0].decode("latin-1").strip() or None
+                from_api_key = credential is not None
         if credential is None:
             authorization = headers.getRawHeaders(b"authorization")
             credential = access.bearer(authorization[0]) if authorization else None
@@ -292,15 +293,13 @@ class Forwarder:
                 return send_error(request, errors.model_denied(model))
         Exchange(self, active, request, decision, body, ip, from_api_key).start()
 
-
     def health(self, request) -> None:
-        status = self.status()
         body = json.dumps(
             {
                 "status": "draining" if self.draining else "ok",
                 "pid": os.getpid(),
-                "in_flight": status["in_flight"],
-                "streams": status["streams"],
+                "in_flight": self.in_flight,
+                "streams": self.streams,
                 "routes": [
                     {
                         "prefix": a.route.name,
