@@ -5,7 +5,7 @@ COPY . /src
 RUN python -m venv /opt/fwd \
  && /opt/fwd/bin/python -m pip install --no-cache-dir --upgrade pip \
  && /opt/fwd/bin/python -m pip install --no-cache-dir /src \
- && /opt/fwd/bin/twistd --help | grep -q openai-forward \
+ && /opt/fwd/bin/twistd --help | grep openai-forward > /dev/null \
  && useradd --create-home --uid 10001 fwd \
  && install -d -o fwd -g fwd /home/fwd/Log \
  && rm -rf /src
