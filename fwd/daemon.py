@@ -1,4 +1,5 @@
-"""Assembling the daemon's services from a Config: listeners, upstream pool, transcript log.  Tests: tests/test_tap.py"""
+"""Assembling the daemon's services from a Config: listeners, upstream pool, transcript log, metrics, reload
+and drain.  Tests: tests/test_daemon.py, tests/test_operations.py"""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from collections.abc import Callable
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer
-from twisted.logger import Logger, globalLogPublisher
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger, globalLogPublisher
 from twisted.web.client import (
     URI,
     Agent,
@@ -110,9 +111,9 @@ class StartupReport(service.Service):
         super().startService()
         for line in configuration.describe(self.config):
             if line.startswith("WARNING"):
-                log.warn(line)
+                log.warn("{line}", line=line)
             else:
-                log.info(line)
+                log.info("{line}", line=line)
 
 
 class StartupError(Exception):
@@ -149,11 +150,11 @@ def with_backlog(description: str) -> str:
 class Listener(StreamServerEndpointService):
     """One --port; failing to bind stops startup with one line instead of a traceback."""
 
-    def __init__(self, description: str, factory, reactor):
+    def __init__(self, description: str, factory, reactor, option: str = "--port"):
         try:
             endpoint = serverFromString(reactor, with_backlog(description))
         except Exception as e:
-            raise configuration.ConfigError(f"--port {description}: {describe_exception(e)}") from None
+            raise configuration.ConfigError(f"{option} {description}: {describe_exception(e)}") from None
         super().__init__(endpoint, factory)
         self.description = description
         self._raiseSynchronously = True
@@ -257,7 +258,7 @@ class Reload(service.Service):
         self.site.max_body_size = config.max_body_size
         log.info("reloaded the configuration")
         for line in configuration.describe(config):
-            log.info(line)
+            log.info("{line}", line=line)
         return True
 
 
@@ -280,7 +281,7 @@ class MetricsService(service.MultiService):
         self.metrics = Metrics(everything)
         site = Site(MetricsResource(self.metrics))
         site.noisy = False
-        Listener(description, site, reactor).setServiceParent(self)
+        Listener(description, site, reactor, option="--metrics-port").setServiceParent(self)
 
     def startService(self):
         globalLogPublisher.addObserver(self.metrics)

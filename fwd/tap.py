@@ -1,4 +1,4 @@
-"""The twistd plugin: `twistd -n openai-forward [options]` builds the daemon's service.  Tests: tests/test_tap.py"""
+"""The twistd plugin: `twistd -n openai-forward [options]` builds the daemon's service.  Tests: tests/test_daemon.py, tests/test_cli.py"""
 
 from __future__ import annotations
 
