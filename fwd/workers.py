@@ -23,7 +23,7 @@ from twisted.python import failure
 
 from fwd import chatlog
 from fwd import config as configuration
-from fwd.daemon import with_backlog
+from fwd.daemon import StartupError, describe_exception, report_in_one_line, with_backlog
 
 log = Logger(namespace="fwd.workers")
 
@@ -79,21 +79,24 @@ class Supervisor(service.Service):
         self.statuses: dict[int, dict] = {}
         self.stopping = False
         self.previous_hup = None
+        self.endpoints = []
+        for description in config.ports:
+            try:
+                self.endpoints.append((description, serverFromString(reactor, with_backlog(description))))
+            except Exception as e:
+                raise configuration.ConfigError(f"--port {description}: {describe_exception(e)}") from None
 
     def privilegedStartService(self):
         super().privilegedStartService()
-        for description in self.config.ports:
-            try:
-                endpoint = serverFromString(self.reactor, with_backlog(description))
-            except Exception as e:
-                raise configuration.ConfigError(f"--port {description}: {e}") from None
+        for description, endpoint in self.endpoints:
             outcome = []
             placeholder = protocol.Factory.forProtocol(protocol.Protocol)
             placeholder.noisy = False
             endpoint.listen(placeholder).addBoth(outcome.append)
             if not outcome or isinstance(outcome[0], failure.Failure):
-                why = outcome[0].getErrorMessage() if outcome else "did not bind"
-                raise configuration.ConfigError(f"--port {description}: {why}")
+                socket_error = getattr(outcome[0].value, "socketError", None) if outcome else None
+                why = getattr(socket_error, "strerror", None) or (outcome[0].getErrorMessage() if outcome else "did not bind")
+                raise report_in_one_line(StartupError(f"cannot listen on {description}: {why}"))
             port = outcome[0]
             port.stopReading()  # the workers accept on it, not this process
             self.ports.append(port)
