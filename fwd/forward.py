@@ -28,7 +28,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from fwd import access, chatlog, errors
+from fwd import access, chatlog, errors, keys
 from fwd.config import Config, Route
 from fwd.headers import is_event_stream, request_headers, response_headers
 from fwd.keys import KeyPool
@@ -38,6 +38,7 @@ log = Logger(namespace="fwd.forward")
 accessLog = Logger(namespace="fwd.access")
 
 RETRY_STATUSES = frozenset({401, 403, 429})
+REFUSAL_LIMIT = 64 * 1024
 # Transcript uids: random per process, then counted; unique across workers and restarts, and cheap.
 UID_PREFIX = os.urandom(6).hex()
 uid_counter = itertools.count()
@@ -425,17 +426,45 @@ class Exchange:
         status = response.code
         key = self.key
         if key is not None:
-            pool = self.active.pool
             if status in RETRY_STATUSES:
-                if status == 429:
-                    retry = retry_after_seconds(response.headers.getRawHeaders(b"retry-after"), time.time())
-                    pool.rate_limited(key, retry)
-                else:
-                    pool.rejected(key, status)
-                response.deliverBody(Discard())
-                return self._attempt()
-            elif status < 400:
-                pool.succeeded(key)
+                # Read the (small) refusal before judging the key: quota, revocation and region differ.
+                collect = Collect(REFUSAL_LIMIT)
+                response.deliverBody(collect)
+                collect.done.addCallback(lambda body: self._refused(response, body)).addErrback(self._unexpected)
+                return
+            if status < 400:
+                self.active.pool.succeeded(key)
+        self._start_response(response)
+        self.relay = Relay(self)
+        response.deliverBody(self.relay)
+
+    def _refused(self, response, body: bytes) -> None:
+        """A pool key was refused: rest or reject it and replay on the next key, or pass the answer on."""
+        if self.client_gone:
+            self._end(partial=True, error="client disconnected")
+            return
+        pool = self.active.pool
+        judged = keys.verdict(response.code, body)
+        if judged == "relay":
+            self._start_response(response)
+            self.request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            self.request.write(body)
+            self.sent = len(body)
+            if self.transcript is not None:
+                self.transcript.feed(body)
+            self.request.finish()
+            self._end(partial=False, error=None)
+            return
+        if judged == "rest":
+            retry = retry_after_seconds(response.headers.getRawHeaders(b"retry-after"), time.time())
+            pool.rate_limited(self.key, retry)
+        else:
+            pool.rejected(self.key, response.code)
+        self._attempt()
+
+    def _start_response(self, response) -> None:
+        """Send the upstream's status and end-to-end headers to the client."""
+        status = response.code
         self.ttfb = self.clock.seconds()
         self.status = status
         request = self.request
@@ -457,8 +486,6 @@ class Exchange:
                 content_type[0].decode("latin-1") if content_type else None,
                 (self.ttfb - self.started) * 1000,
             )
-        self.relay = Relay(self)
-        response.deliverBody(self.relay)
 
     def _request_failed(self, reason) -> None:
         self.pending = None
@@ -564,6 +591,24 @@ class Discard(Protocol):
 
     def connectionLost(self, reason):
         pass
+
+
+class Collect(Protocol):
+    """Reads a short response body (an error) into memory, keeping at most `limit` bytes of it."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.done = defer.Deferred()
+
+    def dataReceived(self, data):
+        if self.size < self.limit:
+            self.parts.append(data[: self.limit - self.size])
+        self.size += len(data)
+
+    def connectionLost(self, reason):
+        self.done.callback(b"".join(self.parts))
 
 
 class Relay(Protocol):

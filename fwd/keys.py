@@ -6,6 +6,8 @@ state changes are reported through a twisted.logger Logger with masked keys only
 
 from __future__ import annotations
 
+import json
+
 import attrs
 from twisted.logger import Logger
 
@@ -15,6 +17,35 @@ FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 60.0
 REPROBE_AFTER = 300.0
 MAX_RETRY_AFTER = 3600.0
+
+
+# Codes of refusals that say the key has no money left: resting it for seconds would retry it all day.
+OUT_OF_QUOTA = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"})
+# Codes of 403s that are about the caller's region or request, not the key: every key would get the same.
+NOT_ABOUT_THE_KEY = frozenset({"unsupported_country_region_territory", "unsupported_country"})
+
+
+def refusal_code(body: bytes) -> str | None:
+    """The `error.code` (or `error.type`) of an OpenAI-shaped error body, if it has one."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code") or error.get("type")
+    return code if isinstance(code, str) else None
+
+
+def verdict(status: int, body: bytes) -> str:
+    """What an upstream refusal (401/403/429) of a pool key means: "rest" it (rate limited), "reject" it
+    (invalid, revoked, out of quota), or "relay" the answer to the client (not about the key)."""
+    code = refusal_code(body)
+    if status == 429:
+        return "reject" if code in OUT_OF_QUOTA else "rest"
+    if status == 403 and code in NOT_ABOUT_THE_KEY:
+        return "relay"
+    return "reject"
 
 
 @attrs.define

@@ -10,6 +10,7 @@ Per-request controls, read from request headers (all optional)::
 
     x-fake-status: CODE          answer CODE with an OpenAI-shaped error body
     x-fake-retry-after: SECONDS  ... and a Retry-After header
+    x-fake-error-code: CODE      ... and this error.code (e.g. insufficient_quota)
     x-fake-chunks: N             content deltas in a streamed reply (default 5)
     x-fake-interval: SECONDS     delay between the writes of a streamed body
     x-fake-bytes: N              answer N bytes of application/octet-stream,
@@ -432,7 +433,7 @@ class FakeUpstream(Resource):
 
     @ivar received: every request answered, oldest first.
     @ivar disconnects: how many requests the client dropped before their answer ended.
-    @ivar key_status: key -> (status, Retry-After or None) to refuse that key with.
+    @ivar key_status: key -> (status, Retry-After or None[, error code]) to refuse that key with.
     @ivar expected_keys: when not None, any other key gets 401.
     """
 
@@ -443,7 +444,7 @@ class FakeUpstream(Resource):
         reactor: IReactorTime | None = None,
         *,
         models: Iterable[str] = DEFAULT_MODELS,
-        key_status: Mapping[str, tuple[int, float | None]] | None = None,
+        key_status: Mapping[str, tuple] | None = None,
         expected_keys: Iterable[str] | None = None,
     ) -> None:
         super().__init__()
@@ -455,7 +456,7 @@ class FakeUpstream(Resource):
         self.models = list(models)
         self.received: list[Received] = []
         self.disconnects = 0
-        self.key_status: dict[str, tuple[int, float | None]] = dict(key_status or {})
+        self.key_status: dict[str, tuple] = dict(key_status or {})
         self.expected_keys: set[str] | None = None if expected_keys is None else set(expected_keys)
         self._count = 0
         self._routes = {
@@ -482,6 +483,8 @@ class FakeUpstream(Resource):
                 continue
             retry_after = value.get("retry_after")
             self.key_status[key] = (int(value["status"]), None if retry_after is None else float(retry_after))
+            if value.get("code"):
+                self.key_status[key] += (str(value["code"]),)
 
     def render(self, request: Request) -> Any:
         body = request.content.read()
@@ -526,13 +529,18 @@ class FakeUpstream(Resource):
         exchange.interval = _header(request, b"x-fake-interval", float, 0) or 0.0
 
         if key in self.key_status:
-            status, retry_after = self.key_status[key]
-            return exchange.error(status, retry_after=retry_after)
+            status, retry_after, *code = self.key_status[key]
+            return exchange.error(status, retry_after=retry_after, error_code=code[0] if code else None)
         if self.expected_keys is not None and key not in self.expected_keys:
             return exchange.error(401)
         status = _header(request, b"x-fake-status", int, 100)
         if status is not None:
-            return exchange.error(status, retry_after=_header(request, b"x-fake-retry-after", float, 0))
+            code = request.getHeader(b"x-fake-error-code")
+            return exchange.error(
+                status,
+                retry_after=_header(request, b"x-fake-retry-after", float, 0),
+                error_code=code.decode("latin-1") if code else None,
+            )
         size = _header(request, b"x-fake-bytes", int, 0)
         if size is not None:
             request.setHeader(b"content-type", b"application/octet-stream")
@@ -568,7 +576,12 @@ class FakeUpstream(Resource):
             except (ValueError, KeyError, TypeError, AttributeError) as error:
                 request.setResponseCode(400)
                 return _dumps({"error": {"message": f"bad key table: {error}", "type": "invalid_request_error"}})
-            return _dumps({key: {"status": s, "retry_after": r} for key, (s, r) in self.key_status.items()})
+            return _dumps(
+                {
+                    key: {"status": s, "retry_after": r, **({"code": c[0]} if c else {})}
+                    for key, (s, r, *c) in self.key_status.items()
+                }
+            )
         request.setResponseCode(404)
         return _dumps({"error": {"message": "unknown control endpoint", "type": "invalid_request_error"}})
 
@@ -813,7 +826,7 @@ class FakeUpstreamProcess:
     def __init__(
         self,
         *,
-        key_status: Mapping[str, tuple[int, float | None]] | None = None,
+        key_status: Mapping[str, tuple] | None = None,
         expected_keys: Iterable[str] | None = None,
         timeout: float = 10.0,
     ) -> None:

@@ -295,6 +295,23 @@ class KeyPoolTests(SynchronousTestCase):
         self.assertEqual(response.code, 503)
         self.assertIsNotNone(response.headers.getRawHeaders("retry-after"))
 
+    def test_a_key_out_of_quota_is_disabled_not_merely_rested(self):
+        proxy = MemoryProxy(api_key="sk-a0000001 sk-b0000002", forward_key="fk-alice0001")
+        proxy.upstream.key_status["sk-a0000001"] = (429, None, "insufficient_quota")
+        response, _ = self.fetch(proxy, "fk-alice0001")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(proxy.forwarder.routes[0].pool.health(), {"available": 1, "cooling": 0, "disabled": 1})
+
+    def test_a_403_about_the_region_reaches_the_client_and_rests_no_key(self):
+        proxy = MemoryProxy(api_key="sk-a0000001 sk-b0000002", forward_key="fk-alice0001")
+        response, body = self.fetch(
+            proxy, "fk-alice0001", {"x-fake-status": "403", "x-fake-error-code": "unsupported_country_region_territory"}
+        )
+        self.assertEqual(response.code, 403)
+        self.assertEqual(json.loads(body)["error"]["code"], "unsupported_country_region_territory")
+        self.assertEqual(len(proxy.upstream.received), 1, "not replayed: every key would get the same")
+        self.assertEqual(proxy.forwarder.routes[0].pool.health()["available"], 2)
+
     def test_a_5xx_is_never_replayed(self):
         proxy = MemoryProxy(api_key="sk-a0000001 sk-b0000002", forward_key="fk-alice0001")
         response, _ = self.fetch(proxy, "fk-alice0001", {"x-fake-status": "500"})

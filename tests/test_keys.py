@@ -187,3 +187,23 @@ def test_a_missing_or_unreadable_retry_after_means_back_off(values):
 def test_a_retry_after_in_the_past_means_now():
     assert retry_after_seconds([b"Wed, 21 Oct 2015 07:28:00 GMT"], now=2e9) == 0.0
     assert retry_after_seconds([b"-5"], now=0) == 0.0
+
+
+def test_a_429_for_an_exhausted_quota_rejects_the_key_while_a_rate_limit_only_rests_it():
+    from fwd.keys import verdict
+
+    quota = b'{"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}}'
+    rate = b'{"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}'
+    assert verdict(429, quota) == "reject"
+    assert verdict(429, rate) == "rest"
+    assert verdict(429, b"not json") == "rest"
+
+
+def test_a_403_about_the_region_is_passed_on_and_other_refusals_reject_the_key():
+    from fwd.keys import verdict
+
+    region = b'{"error": {"code": "unsupported_country_region_territory", "message": "Country not supported"}}'
+    assert verdict(403, region) == "relay"
+    assert verdict(403, b'{"error": {"code": "invalid_api_key"}}') == "reject"
+    assert verdict(401, region) == "reject"
+    assert verdict(401, b"") == "reject"
