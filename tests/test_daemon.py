@@ -255,6 +255,18 @@ def test_tls_and_plain_listeners_at_once(upstream, tmp_path):
     assert plain.status_code == 200
 
 
+def get_when_listening(url: str, process: subprocess.Popen | None = None, timeout: float = 15):
+    """GET url once the daemon listens (polling for a bounded time), failing early if its process exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url)
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, f"nothing listens at {url}"
+            assert process is None or process.poll() is None, "the daemon exited"
+            time.sleep(0.1)
+
+
 def wait_for_file(path: Path, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -284,14 +296,7 @@ def test_daemon_mode_with_pidfile_and_logfile_stops_on_sigterm(upstream, tmp_pat
     wait_for_file(tmp_path / "fwd.pid")
     pid = int((tmp_path / "fwd.pid").read_text())
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/healthz")
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        response = get_when_listening(f"http://127.0.0.1:{port}/healthz")
         assert response.json()["pid"] == pid
     finally:
         os.kill(pid, signal.SIGTERM)
@@ -308,14 +313,7 @@ def test_the_tac_file_serves_the_daemon_configured_from_the_environment(upstream
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                models = httpx.get(f"http://127.0.0.1:{port}/v1/models")
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and process.poll() is None
-                time.sleep(0.1)
+        models = get_when_listening(f"http://127.0.0.1:{port}/v1/models", process)
         assert models.status_code == 200
     finally:
         process.terminate()
