@@ -26,12 +26,11 @@ class ConfigError(Exception):
 
 @attrs.frozen
 class Setting:
-    """One option: its command-line name, the environment names it answers to, and whether it holds secrets."""
+    """One option: its command-line name, the environment names it answers to, its default and its help."""
 
     name: str
     envs: tuple[str, ...]
     default: object = None
-    secret: bool = False
     help: str = ""
 
     @property
@@ -44,11 +43,11 @@ SETTINGS = (
             help="endpoint to listen on, repeatable: tcp:8000, ssl:8443:privateKey=k.pem:certKey=c.pem, unix:/path; a bare number means tcp"),
     Setting("base-url", ("OPENAI_BASE_URL", "OXY_TARGET"), "https://api.openai.com",
             help="the upstream: OpenAI, Azure OpenAI or any OpenAI-compatible server"),
-    Setting("api-key", ("OPENAI_API_KEY",), "", secret=True,
+    Setting("api-key", ("OPENAI_API_KEY",), "",
             help="upstream key pool, space or comma separated; rotated, cooled down on 429, disabled on 401/403"),
-    Setting("forward-key", ("FORWARD_KEY",), "", secret=True,
+    Setting("forward-key", ("FORWARD_KEY",), "",
             help="fk- keys handed to clients in place of the pool keys, space or comma separated"),
-    Setting("proxy-key", ("PROXY_KEY",), "", secret=True,
+    Setting("proxy-key", ("PROXY_KEY",), "",
             help="access keys clients append to their key as <key>:<proxy key>, space or comma separated"),
     Setting("route-prefix", ("ROUTE_PREFIX",), "", help="serve under this path prefix, e.g. /openai"),
     Setting("ip-whitelist", ("IP_WHITELIST",), "", help="only these addresses or CIDRs may connect"),

@@ -35,7 +35,6 @@ STABLE_AFTER = 60.0
 ENV_CLI = "FWD_WORKER_CLI"
 ENV_CONFIG = "FWD_WORKER_CONFIG"
 ENV_FDS = "FWD_WORKER_FDS"
-ENV_ID = "FWD_WORKER_ID"
 
 
 class WorkerProtocol(protocol.ProcessProtocol):
@@ -115,7 +114,6 @@ class Supervisor(service.Service):
         env[ENV_CLI] = json.dumps(self.cli)
         env[ENV_CONFIG] = self.config_file or ""
         env[ENV_FDS] = ",".join(map(str, fds))
-        env[ENV_ID] = str(number)
         child_fds = {0: "w", 1: "r", 2: "r"}
         child_fds.update({fd: fd for fd in fds})
         worker = WorkerProtocol(self, number)
