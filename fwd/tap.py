@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 

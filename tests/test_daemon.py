@@ -16,15 +16,9 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from fwd.testing import DaemonProcess, FakeUpstreamProcess, twistd_command
+from fwd.testing import DaemonProcess, twistd_command
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with FakeUpstreamProcess() as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module")

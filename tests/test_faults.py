@@ -37,7 +37,7 @@ from fwd.headers import CREDENTIALS, HOP_BY_HOP, request_headers, response_heade
 from fwd.sse import SSEParser
 from fwd.testing import DaemonProcess, FakeUpstreamProcess
 from fwd.web import CONNECTION_IDLE_SECONDS, HEADER_TIMEOUT_SECONDS
-from tests.harness import MemoryProxy, make_config, split_response
+from tests.harness import MemoryProxy, split_response
 
 # Secrets the suite's daemon runs with; none may ever show up in what it writes or answers.
 POOL_KEYS = ("sk-faults-pool-aaaa1111aaaa", "sk-faults-pool-bbbb2222bbbb")
@@ -307,12 +307,6 @@ class Daemon:
         self._drain.join(5)
         with self._lock:
             self.process.stop()
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with FakeUpstreamProcess() as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module")

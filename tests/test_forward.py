@@ -3,8 +3,6 @@
 import json
 
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from tests.harness import MemoryProxy, split_response
 
@@ -209,7 +207,7 @@ class UpstreamFailureTests(SynchronousTestCase):
 
     def test_a_client_that_disconnects_cancels_its_upstream_request(self):
         proxy = MemoryProxy()
-        transport = proxy.raw(
+        proxy.raw(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
             b"x-fake-chunks: 50\r\nx-fake-interval: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(chat(True)), chat(True))
         )
@@ -319,8 +317,8 @@ class KeyPoolTests(SynchronousTestCase):
         self.assertEqual(len(proxy.upstream.received), 1)
 
     def test_a_model_outside_the_forward_keys_list_is_403(self):
-        from tests.harness import make_config
-        import tempfile, os
+        import os
+        import tempfile
 
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
             f.write(

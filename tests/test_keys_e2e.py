@@ -160,12 +160,6 @@ def logged_rests(output: str, key: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    with FakeUpstreamProcess() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 def flaky():
     """An upstream that refuses some keys with 429 (and Retry-After), 401 or 403."""
     with FakeUpstreamProcess(key_status=KEY_STATUS) as fake:

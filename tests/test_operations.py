@@ -29,7 +29,7 @@ from fwd import config as configuration
 from fwd.config import short_hash
 from fwd.daemon import Drain, Reload
 from fwd.metrics import Metrics
-from fwd.testing import DaemonProcess, FakeUpstreamProcess
+from fwd.testing import DaemonProcess
 from tests.harness import MemoryProxy, make_config, split_response
 from tests.test_daemon import free_port, make_certificate
 
@@ -375,12 +375,6 @@ def test_a_request_refused_as_too_large_has_an_access_log_line(logged):
 
 # ---------------------------------------------------------------------------------------------------------------
 # end to end: a real twistd
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with FakeUpstreamProcess() as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module")

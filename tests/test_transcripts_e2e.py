@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from fwd.config import short_hash
-from fwd.testing import DaemonProcess, FakeUpstreamProcess, twistd_command
+from fwd.testing import DaemonProcess, twistd_command
 
 FIELDS = {
     "uid", "time", "client", "caller", "route", "path", "model", "stream", "request", "response", "usage",
@@ -30,12 +30,6 @@ FK_NAMED = "fk-named-e2e-fedcba9876543210"
 
 
 # -- fixtures and helpers ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with FakeUpstreamProcess() as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,8 @@ import time
 
 import httpx2 as httpx
 import openai
-import pytest
 
-from fwd.testing import DaemonProcess, FakeUpstreamProcess
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with FakeUpstreamProcess() as fake:
-        yield fake
+from fwd.testing import DaemonProcess
 
 
 def serving_pids(url: str, count: int = 40) -> set[int]:
