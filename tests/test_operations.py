@@ -580,10 +580,11 @@ def test_sighup_rereads_the_config_file_adding_routes_and_refuses_a_broken_one(u
 
 
 def connection_refused(port: int) -> bool:
+    """No new connection is served: refused outright, or reset from the backlog of a listener that closed."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2):
             return False
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
 
 
