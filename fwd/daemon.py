@@ -287,8 +287,7 @@ class MetricsService(service.MultiService):
         super().__init__()
 
         def everything() -> dict:
-            observer = transcripts.observer if transcripts is not None else None
-            return {**status(), "transcript_write_errors": observer.write_errors if observer else 0}
+            return {**status(), "transcript_write_errors": transcripts.write_errors if transcripts is not None else 0}
 
         self.metrics = Metrics(everything)
         site = Site(MetricsResource(self.metrics))
@@ -313,7 +312,7 @@ def check_transcripts(config: configuration.Config, reactor):
     problem = chatlog.check_log_dir(config.log_dir)
     if problem:
         raise configuration.ConfigError(problem)
-    return chatlog.TranscriptService(config.log_dir, clock=reactor)
+    return chatlog.TranscriptService(config.log_dir, reactor=reactor)
 
 
 def build_service(

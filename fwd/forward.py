@@ -32,7 +32,7 @@ from fwd import access, chatlog, errors, keys
 from fwd.config import Config, Route
 from fwd.headers import is_event_stream, request_headers, response_headers
 from fwd.keys import KeyPool
-from fwd.transcript import Transcript, transcript_kind
+from fwd.transcript import Ended, Transcript, transcript_kind
 
 log = Logger(namespace="fwd.forward")
 accessLog = Logger(namespace="fwd.access")
@@ -485,6 +485,7 @@ class Exchange:
                 status,
                 content_type[0].decode("latin-1") if content_type else None,
                 (self.ttfb - self.started) * 1000,
+                stream,
             )
 
     def _request_failed(self, reason) -> None:
@@ -551,7 +552,7 @@ class Exchange:
                 if body:
                     transcript.feed(body)
             try:
-                chatlog.emit(transcript.finish(partial=partial, error=error, latency_ms=(now - self.started) * 1000))
+                chatlog.emit(Ended(transcript, partial=partial, error=error, latency_ms=(now - self.started) * 1000))
             except Exception:
                 log.failure("transcript could not be built")
         log_access(

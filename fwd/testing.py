@@ -1003,6 +1003,7 @@ class DaemonProcess:
             stderr=subprocess.STDOUT,
             env=self.base_env(self.env),
             cwd=self.cwd,
+            start_new_session=True,  # its own process group, like a daemon started from a shell
         )
         deadline = time.monotonic() + self.timeout
         found = re.compile(rb"starting on (\d+)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from datetime import datetime, timezone
 from typing import Any
 
@@ -275,6 +276,7 @@ class Transcript:
         self.request_content_type = request_content_type
         self.limit = limit
         self.status: int | None = None
+        self.content_type: str | None = None
         self.ttfb_ms: float | None = None
         self._mode = "plain"
         self._body = bytearray()
@@ -296,16 +298,21 @@ class Transcript:
         self._tail = b""
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._folded = False
 
-    def response_started(self, status: int, content_type: str | None, ttfb_ms: float) -> None:
-        """Note the upstream status and headers' arrival; choose how the body will be read."""
+    def response_started(
+        self, status: int, content_type: str | None, ttfb_ms: float, stream: bool | None = None
+    ) -> None:
+        """Note the upstream status and headers' arrival; choose how the body will be read.  `stream` says
+        whether the content type is an event stream, when the caller already knows."""
         if not isinstance(status, int):
             return
         self.status = status
+        self.content_type = content_type
         self.ttfb_ms = ttfb_ms
         if status >= 400:
             self._mode = "error"
-        elif _is_event_stream(content_type):
+        elif stream if stream is not None else _is_event_stream(content_type):
             self._mode = "sse"
             # One event line can carry more than a small content limit; the parser bound is about memory only.
             self._parser = SSEParser(max_line=max(self.limit, _SSE_LINE_LIMIT))
@@ -368,6 +375,7 @@ class Transcript:
         data = b"".join(self._pending)
         self._pending = []
         self._pending_size = 0
+        self._folded = True
         payloads = []
         for event in self._parser.feed(data):
             self._events += 1
@@ -567,6 +575,60 @@ class Transcript:
             first["choices"] = [dict(s, index=i) for i, s in shaped]
         return first
 
+    # -- another process finishes it ------------------------------------------------------------------
+
+    def capture(self) -> tuple[dict[str, Any], bytes] | None:
+        """What rebuilds this transcript in another process: its metadata and every response byte fed so far.
+
+        None once it holds less than that (a stream already folded, a body cut at the limit) or its assembly
+        failed: then only `finish` here sees the whole exchange.
+        """
+        mode = self._mode
+        if mode == "sse":
+            if self._folded:
+                return None
+            response = b"".join(self._pending)
+        elif mode == "failed" or self._body_cut:
+            return None
+        else:
+            response = bytes(self._body)
+        meta = {
+            "kind": self.kind,
+            "uid": self.uid,
+            "time": self.time,
+            "client": self.client,
+            "caller": self.caller,
+            "route": self.route,
+            "path": self.path,
+            "request_content_type": self.request_content_type,
+            "limit": self.limit,
+            "status": self.status,
+            "content_type": self.content_type,
+            "ttfb_ms": self.ttfb_ms,
+        }
+        return meta, response
+
+    @classmethod
+    def rebuild(cls, meta: dict[str, Any], request_body: bytes, response: bytes) -> Transcript:
+        """The transcript `capture` described, fed the same bytes: its `finish` gives the same record."""
+        transcript = cls(
+            kind=meta["kind"],
+            uid=meta["uid"],
+            time=meta["time"],
+            client=meta["client"],
+            caller=meta["caller"],
+            route=meta["route"],
+            path=meta["path"],
+            request_body=request_body,
+            request_content_type=meta["request_content_type"],
+            limit=meta["limit"],
+        )
+        if meta["status"] is not None:
+            transcript.response_started(meta["status"], meta["content_type"], meta["ttfb_ms"])
+        if response:
+            transcript.feed(response)
+        return transcript
+
     # -- the record ------------------------------------------------------------------------------------
 
     def _request(self) -> tuple[Any, str | None]:
@@ -675,3 +737,118 @@ class Transcript:
                 if response is None:
                     problems.append("response body is not a recognised response object")
         return response, own_error, truncated
+
+
+class Ended:
+    """An exchange that has ended: its transcript and how it ended.
+
+    The record is built when first asked for, by whichever process writes it; `frame` hands the exchange to
+    another process without building it here.
+    """
+
+    __slots__ = ("transcript", "partial", "error", "latency_ms", "_record")
+
+    def __init__(self, transcript: Transcript, *, partial: bool, error: str | None, latency_ms: float) -> None:
+        self.transcript = transcript
+        self.partial = partial
+        self.error = error
+        self.latency_ms = latency_ms
+        self._record: dict[str, Any] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The transcript record (built once)."""
+        if self._record is None:
+            self._record = self.transcript.finish(partial=self.partial, error=self.error, latency_ms=self.latency_ms)
+        return self._record
+
+    def frame(self) -> bytes:
+        """This exchange on the wire to a transcript writer: its capture when it has one, else its record."""
+        captured = self.transcript.capture() if self._record is None else None
+        if captured is None:
+            return record_frame(encode_record(self.record()))
+        meta, response = captured
+        meta["partial"] = self.partial
+        meta["error"] = self.error
+        meta["latency_ms"] = self.latency_ms
+        head = orjson.dumps(meta)
+        request = self.transcript.request_body
+        return b"".join((_FRAME.pack(_CAPTURE, len(head), len(request), len(response)), head, request, response))
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """One record as UTF-8 JSON: orjson, or the standard encoder for what orjson refuses (integers beyond
+    64 bits, non-string keys)."""
+    try:
+        return orjson.dumps(record, default=str)
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8", "replace")
+
+
+# -- the wire between a serving process and the transcript writer --------------------------------------
+#
+# A frame is a 13-byte head (type, then three big-endian lengths) and up to three parts.  A capture frame holds
+# the capture's metadata as JSON, the request body and the response bytes: the writer rebuilds the transcript
+# and builds the record.  A record frame holds a record already encoded (the serving process had to finish it).
+
+_FRAME = struct.Struct(">BIII")
+_CAPTURE = 1
+_RECORD = 2
+MAX_FRAME = 1 << 31
+
+
+def record_frame(line: bytes) -> bytes:
+    """A frame carrying one encoded record."""
+    return _FRAME.pack(_RECORD, len(line), 0, 0) + line
+
+
+def frame_line(frame: bytes) -> bytes:
+    """The chat.jsonl line (without its newline) of one frame."""
+    kind, head, request, response = _FRAME.unpack_from(frame)
+    at = _FRAME.size
+    if kind == _RECORD:
+        return frame[at : at + head]
+    meta = orjson.loads(frame[at : at + head])
+    at += head
+    transcript = Transcript.rebuild(meta, frame[at : at + request], frame[at + request : at + request + response])
+    record = transcript.finish(partial=meta["partial"], error=meta["error"], latency_ms=meta["latency_ms"])
+    return encode_record(record)
+
+
+class FrameError(ValueError):
+    """The byte stream is not frames (from here on): `frames` holds the whole frames read before."""
+
+    def __init__(self, message: str, frames: list[bytes]) -> None:
+        super().__init__(message)
+        self.frames = frames
+
+
+class FrameReader:
+    """Cuts a byte stream into whole frames, whatever sizes it is read in."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Take bytes; return the frames they complete.  Raises FrameError on a stream that is not frames."""
+        buffer = self._buffer
+        buffer += data
+        frames = []
+        at = 0
+        size = _FRAME.size
+        while len(buffer) - at >= size:
+            kind, head, request, response = _FRAME.unpack_from(buffer, at)
+            length = size + head + request + response
+            if kind not in (_CAPTURE, _RECORD) or length > MAX_FRAME:
+                del buffer[:]
+                raise FrameError(f"not a transcript frame (type {kind}, {length} bytes)", frames)
+            if len(buffer) - at < length:
+                break
+            frames.append(bytes(buffer[at : at + length]))
+            at += length
+        del buffer[:at]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held."""
+        return len(self._buffer)

@@ -2,8 +2,9 @@
 
 The twistd process becomes a supervisor.  It binds every `--port` once (Twisted's own endpoint parsing, so
 tcp, ssl and unix all work), stops accepting on them itself, and starts N workers (`python -m fwd.workers`)
-that adopt the sockets and accept in turn.  Each worker logs twisted.logger events as JSON lines on its stdout;
-the supervisor republishes them, so its one log, its one chat.jsonl and its /metrics cover every worker.
+that adopt the sockets and accept in turn.  Each worker logs twisted.logger events as JSON lines on its stdout,
+which the supervisor republishes, and sends transcript frames over a socket pair (fd 3), which the supervisor
+passes to its transcript writer: its one log, its one chat.jsonl and its /metrics cover every worker.
 A worker that dies is started again, with a growing delay if it keeps dying.  SIGHUP and SIGTERM are passed on.
 """
 
@@ -24,6 +25,7 @@ from twisted.python import failure
 from fwd import chatlog
 from fwd import config as configuration
 from fwd.daemon import StartupError, describe_exception, report_in_one_line, with_backlog
+from fwd.transcript import FrameError, FrameReader
 
 log = Logger(namespace="fwd.workers")
 
@@ -35,6 +37,8 @@ STABLE_AFTER = 60.0
 ENV_CLI = "FWD_WORKER_CLI"
 ENV_CONFIG = "FWD_WORKER_CONFIG"
 ENV_FDS = "FWD_WORKER_FDS"
+ENV_TRANSCRIPTS = "FWD_WORKER_TRANSCRIPTS"
+TRANSCRIPTS_FD = 3
 
 
 class WorkerProtocol(protocol.ProcessProtocol):
@@ -63,11 +67,59 @@ class WorkerProtocol(protocol.ProcessProtocol):
         self.supervisor.worker_ended(self, reason)
 
 
+class TranscriptLine(protocol.Protocol):
+    """One end of the socket that carries transcript frames from a worker to its supervisor.
+
+    In the supervisor it cuts what arrives into frames for the transcript writer; in a worker, a FrameSender
+    writes to it.
+    """
+
+    def __init__(self, receive=None, sender: chatlog.FrameSender | None = None):
+        self.receive = receive
+        self.sender = sender
+        self.reader = FrameReader()
+        self.closed = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        if self.sender is not None:
+            self.sender.attach(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except FrameError as e:
+            log.error("dropping a worker's transcript line: {why}", why=str(e))
+            self.transport.abortConnection()
+            frames = e.frames
+        for frame in frames:
+            self.receive(frame)
+
+    def connectionLost(self, reason) -> None:
+        if self.sender is not None:
+            self.sender.detach()
+        self.closed.callback(None)
+
+    def close(self) -> defer.Deferred:
+        """Send what is queued, then close (the worker's last step before it exits)."""
+        if self.sender is not None:
+            self.sender.flush()
+        self.transport.loseConnection()
+        return self.closed
+
+
+def adopt_line(reactor, fd: int, line: TranscriptLine) -> None:
+    """Make one end of a transcript socket pair a connection of this reactor (it keeps its own copy of fd)."""
+    factory = protocol.Factory.forProtocol(lambda: line)
+    factory.noisy = False
+    reactor.adoptStreamConnection(fd, socket.AF_UNIX, factory)
+
+
 class Supervisor(service.Service):
     """Binds the listening sockets and keeps N workers serving them."""
 
-    def __init__(self, config: configuration.Config, cli: dict, config_file: str | None, reactor):
+    def __init__(self, config: configuration.Config, cli: dict, config_file: str | None, reactor, transcripts=None):
         self.config = config
+        self.transcripts = transcripts
         self.cli = cli
         self.config_file = config_file
         self.reactor = reactor
@@ -118,9 +170,21 @@ class Supervisor(service.Service):
         child_fds.update({fd: fd for fd in fds})
         worker = WorkerProtocol(self, number)
         self.workers[number] = worker
-        self.reactor.spawnProcess(
-            worker, sys.executable, [sys.executable, "-m", "fwd.workers"], env=env, path=os.getcwd(), childFDs=child_fds
-        )
+        ours = theirs = None
+        if self.transcripts is not None:
+            ours, theirs = socket.socketpair()
+            child_fds[TRANSCRIPTS_FD] = theirs.fileno()
+            env[ENV_TRANSCRIPTS] = str(TRANSCRIPTS_FD)
+        try:
+            self.reactor.spawnProcess(
+                worker, sys.executable, [sys.executable, "-m", "fwd.workers"], env=env, path=os.getcwd(), childFDs=child_fds
+            )
+            if ours is not None:
+                adopt_line(self.reactor, ours.fileno(), TranscriptLine(receive=self.transcripts.send))
+        finally:
+            for end in (ours, theirs):
+                if end is not None:
+                    end.close()
         log.info("worker {number} started (pid {pid})", number=number, pid=worker.transport.pid)
 
     def worker_event(self, number: int, line: bytes) -> None:
@@ -133,8 +197,6 @@ class Supervisor(service.Service):
         namespace = event.get("log_namespace")
         if namespace == STATUS_NAMESPACE:
             self.statuses[number] = event.get("status") or {}
-        elif namespace == chatlog.TRANSCRIPT_NAMESPACE:
-            chatlog.transcriptPublisher(event)
         else:
             globalLogPublisher(event)
 
@@ -197,7 +259,7 @@ def build_supervisor(config: configuration.Config, cli: dict, config_file: str |
     transcripts = check_transcripts(config, reactor)
     if transcripts is not None:
         transcripts.setServiceParent(top)
-    supervisor = Supervisor(config, cli, config_file, reactor)
+    supervisor = Supervisor(config, cli, config_file, reactor, transcripts)
     supervisor.setServiceParent(top)
     if config.metrics_port:
         MetricsService(config.metrics_port, supervisor.status, transcripts, reactor).setServiceParent(top)
@@ -243,7 +305,14 @@ def run_worker() -> None:
 
     to_supervisor = jsonFileLogObserver(sys.stdout, recordSeparator="")
     globalLogBeginner.beginLoggingTo([to_supervisor], redirectStandardIO=False)
-    chatlog.transcriptPublisher.addObserver(to_supervisor)
+    line = None
+    if os.environ.get(ENV_TRANSCRIPTS):
+        fd = int(os.environ[ENV_TRANSCRIPTS])
+        sender = chatlog.FrameSender(reactor)
+        chatlog.transcriptPublisher.addObserver(sender)
+        line = TranscriptLine(sender=sender)
+        adopt_line(reactor, fd, line)
+        os.close(fd)
     cli = json.loads(os.environ[ENV_CLI])
     config_file = os.environ.get(ENV_CONFIG) or None
     fds = [int(fd) for fd in os.environ[ENV_FDS].split(",") if fd]
@@ -258,7 +327,13 @@ def run_worker() -> None:
     parent = os.getppid()
     task.LoopingCall(lambda: os.getppid() != parent and reactor.stop()).start(1.0, now=False)
     top.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+
+    def stop():
+        # Drain first: exchanges ending meanwhile still send their transcripts, then the line closes.
+        stopped = defer.maybeDeferred(top.stopService)
+        return stopped.addBoth(lambda _: line.close()) if line is not None else stopped
+
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.run()
 
 

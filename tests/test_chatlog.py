@@ -9,6 +9,7 @@ from twisted.logger import FilteringLogObserver, LogPublisher, Logger, Predicate
 
 from fwd import chatlog
 from fwd.chatlog import TRANSCRIPT_NAMESPACE, TranscriptFile, check_log_dir, notTranscripts
+from fwd.transcript import Ended, Transcript
 
 
 def record(n, text="héllo"):
@@ -35,6 +36,18 @@ def test_one_line_per_record_and_other_events_ignored(tmp_path):
     observer.close()
 
 
+def ended(n, text="héllo"):
+    """An ended plain chat exchange, as the forwarding path emits it."""
+    transcript = Transcript(
+        kind="chat", uid=f"u{n}", time=1_700_000_000.0, client="10.0.0.1", caller="team-a", route="/",
+        path="/v1/chat/completions", request_body=b'{"model":"gpt-4o","messages":[]}',
+        request_content_type="application/json",
+    )
+    transcript.response_started(200, "application/json", 1.5)
+    transcript.feed(json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}).encode())
+    return Ended(transcript, partial=False, error=None, latency_ms=2.0)
+
+
 def test_emit_reaches_the_file_but_not_the_filtered_main_log(tmp_path, monkeypatch):
     publisher = LogPublisher()
     monkeypatch.setattr(chatlog, "transcriptPublisher", publisher)
@@ -42,9 +55,11 @@ def test_emit_reaches_the_file_but_not_the_filtered_main_log(tmp_path, monkeypat
     publisher.addObserver(FilteringLogObserver(main_events.append, [notTranscripts]))
     observer = TranscriptFile(str(tmp_path))
     publisher.addObserver(observer)
-    chatlog.emit(record(1))
+    chatlog.emit(ended(1))
     Logger(namespace="fwd.proxy", observer=publisher).info("started")
-    assert [json.loads(line)["uid"] for line in read_lines(tmp_path / "chat.jsonl")] == ["u1"]
+    lines = read_lines(tmp_path / "chat.jsonl")
+    assert [json.loads(line)["uid"] for line in lines] == ["u1"]
+    assert json.loads(lines[0])["response"]["content"] == "héllo"
     assert [e["log_namespace"] for e in main_events] == ["fwd.proxy"]
     observer.close()
 
@@ -136,4 +151,171 @@ def test_transcript_service_writes_only_while_running(tmp_path):
     log.info("transcript", transcript=record(1))
     svc.stopService()
     log.info("transcript", transcript=record(2))
+    assert [json.loads(line)["uid"] for line in read_lines(tmp_path / "chat.jsonl")] == ["u1"]
+
+
+# -- the transcript writer process and what feeds it ---------------------------------------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from twisted.internet.task import Clock  # noqa: E402
+from twisted.internet.testing import StringTransport  # noqa: E402
+from twisted.python.failure import Failure  # noqa: E402
+
+from fwd.chatlog import FrameSender  # noqa: E402
+from fwd.transcript import FrameReader, frame_line  # noqa: E402
+
+
+def lines_of(data):
+    return [json.loads(frame_line(frame)) for frame in FrameReader().feed(data)]
+
+
+class FakeProcess(StringTransport):
+    def __init__(self):
+        super().__init__()
+        self.stdin_closed = False
+        self.signals = []
+
+    def closeStdin(self):
+        self.stdin_closed = True
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+
+class ProcessClock(Clock):
+    """A clock that can start (fake) processes, as the reactor starts the transcript writer."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+        self.refuse = False
+
+    def spawnProcess(self, proto, executable, args, env=None, path=None):
+        if self.refuse:
+            raise OSError("no such file")
+        self.spawned.append((proto, args))
+        proto.makeConnection(FakeProcess())
+        return proto.transport
+
+
+def publish(publisher, n):
+    publisher({"log_namespace": TRANSCRIPT_NAMESPACE, "transcript": ended(n)})
+
+
+def test_the_frames_of_one_reactor_turn_go_out_in_one_write():
+    clock = Clock()
+    sender = FrameSender(clock)
+    transport = StringTransport()
+    sender.attach(transport)
+    for n in range(3):
+        sender({"log_namespace": TRANSCRIPT_NAMESPACE, "transcript": ended(n)})
+    sender({"log_namespace": "fwd.access", "transcript": ended(99)})
+    assert transport.value() == b""
+    clock.advance(0)
+    assert [r["uid"] for r in lines_of(transport.value())] == ["u0", "u1", "u2"]
+    assert transport.producer is sender, "the transport can pause the sender"
+
+
+def test_frames_wait_for_a_transport_and_past_the_backlog_limit_are_dropped_and_counted(monkeypatch):
+    monkeypatch.setattr(chatlog, "MAX_BACKLOG", 2000)
+    clock = Clock()
+    sender = FrameSender(clock)
+    for n in range(10):
+        sender.send(ended(n).frame())
+        clock.advance(0)
+    assert 0 < sender.dropped < 10, "what fits in the backlog waits, the rest is counted"
+    transport = StringTransport()
+    sender.attach(transport)
+    kept = [r["uid"] for r in lines_of(transport.value())]
+    assert kept == [f"u{n}" for n in range(10 - sender.dropped)], "the waiting frames go first, in order"
+
+    sender.pauseProducing()
+    before = sender.dropped
+    for n in range(10, 20):
+        sender.send(ended(n).frame())
+        clock.advance(0)
+    assert sender.dropped > before, "a writer that does not keep up does not make the daemon grow"
+    sender.resumeProducing()
+    sender.send(ended(20).frame())
+    clock.advance(0)
+    assert lines_of(transport.value())[-1]["uid"] == "u20"
+
+
+def test_the_service_restarts_a_dead_writer_and_nothing_sent_meanwhile_is_lost(tmp_path):
+    clock = ProcessClock()
+    publisher = LogPublisher()
+    svc = chatlog.TranscriptService(str(tmp_path), publisher=publisher, reactor=clock)
+    svc.startService()
+    first, args = clock.spawned[0]
+    assert args[1:3] == ["-m", "fwd.chatlog"] and args[3] == str(tmp_path)
+    publish(publisher, 1)
+    clock.advance(0)
+    assert [r["uid"] for r in lines_of(first.transport.value())] == ["u1"]
+
+    first.processEnded(Failure(Exception("killed")))
+    publish(publisher, 2)
+    clock.advance(0.4)
+    assert len(clock.spawned) == 1
+    clock.advance(0.1)
+    second, _ = clock.spawned[1]
+    assert [r["uid"] for r in lines_of(second.transport.value())] == ["u2"]
+
+    second.processEnded(Failure(Exception("killed again")))
+    clock.advance(0.5)
+    assert len(clock.spawned) == 2, "a writer that keeps dying is restarted ever more slowly"
+    clock.advance(0.5)
+    assert len(clock.spawned) == 3
+
+
+def test_stopping_closes_the_writers_stdin_and_waits_for_it(tmp_path):
+    clock = ProcessClock()
+    publisher = LogPublisher()
+    svc = chatlog.TranscriptService(str(tmp_path), publisher=publisher, reactor=clock)
+    svc.startService()
+    writer, _ = clock.spawned[0]
+    publish(publisher, 1)
+    done = svc.stopService()
+    assert [r["uid"] for r in lines_of(writer.transport.value())] == ["u1"], "sent before stdin closes"
+    assert writer.transport.stdin_closed
+    assert not done.called
+    writer.processEnded(Failure(Exception("exited")))
+    assert done.called
+    assert len(clock.spawned) == 1, "no restart when stopping"
+
+
+def test_with_no_writer_at_stop_the_daemon_writes_what_waits_itself(tmp_path):
+    clock = ProcessClock()
+    clock.refuse = True
+    publisher = LogPublisher()
+    svc = chatlog.TranscriptService(str(tmp_path), publisher=publisher, reactor=clock)
+    svc.startService()
+    publish(publisher, 1)
+    publish(publisher, 2)
+    svc.stopService()
+    assert [json.loads(line)["uid"] for line in read_lines(tmp_path / "chat.jsonl")] == ["u1", "u2"]
+
+
+def run_writer_process(tmp_path, data):
+    return subprocess.run(
+        [sys.executable, "-m", "fwd.chatlog", str(tmp_path), str(50 * 1024 * 1024), "10"],
+        input=data, capture_output=True, timeout=60,
+    )
+
+
+def test_the_writer_process_appends_every_record_and_exits_when_its_input_ends(tmp_path):
+    frames = [ended(n).frame() for n in range(50)]
+    done = run_writer_process(tmp_path, b"".join(frames))
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in read_lines(tmp_path / "chat.jsonl")]
+    assert [r["uid"] for r in records] == [f"u{n}" for n in range(50)]
+    assert records[0]["response"]["content"] == "héllo"
+
+
+def test_the_writer_process_stops_with_one_log_line_on_input_that_is_not_frames(tmp_path):
+    done = run_writer_process(tmp_path, ended(1).frame() + b"garbage that is no frame at all")
+    assert done.returncode == 1
+    events = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert any("not a transcript frame" in e.get("why", "") for e in events)
     assert [json.loads(line)["uid"] for line in read_lines(tmp_path / "chat.jsonl")] == ["u1"]

@@ -346,3 +346,78 @@ def test_response_started_without_a_status_is_ignored():
     t.response_started(None, "application/json", 5)
     r = finish(t, partial=True, error="upstream connection refused")
     assert (r["status"], r["response"], r["error"]) == (None, None, "upstream connection refused")
+
+
+# -- handing an exchange to the transcript writer process -------------------------------------------------
+
+from fwd.transcript import Ended, FrameReader, frame_line  # noqa: E402
+
+
+def _tool_stream():
+    return sse(
+        chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                   "function": {"name": "get_weather", "arguments": ""}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}, finish="tool_calls"),
+    ) + b"data: [DONE]\n\n"
+
+
+def _long_stream():
+    return sse(*[chunk({"content": f"token {n} "}) for n in range(600)], chunk(finish="stop")) + b"data: [DONE]\n\n"
+
+
+EXCHANGES = {
+    "plain": (200, "application/json", [json.dumps({
+        "model": "gpt-4o", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hé"}}],
+        "usage": {"total_tokens": 3}}).encode()], False, None),
+    "stream with tool calls": (200, "text/event-stream", [_tool_stream()[:50], _tool_stream()[50:]], False, None),
+    "stream cut by the client": (200, "text/event-stream", [sse(chunk({"content": "half"}))], True,
+                                 "client disconnected"),
+    "upstream error": (429, "application/json", [b'{"error":{"message":"slow down","type":"requests"}}'], False, None),
+    "not JSON": (200, "application/json", [b"<html>oops</html>"], False, None),
+    "no response": (None, None, [], False, "upstream unreachable"),
+    "stream past the fold size": (200, "text/event-stream", [_long_stream()], False, None),
+    "body past the limit": (200, "application/json", [b'{"choices": [' + b" " * 5000 + b"]}"], False, None),
+}
+
+
+def _ended(name, **make_args):
+    status, ctype, chunks, partial, error = EXCHANGES[name]
+    t = make(body={"model": "gpt-4o", "stream": ctype == "text/event-stream", "messages": [{"role": "user", "content": "hi"}]},
+             **make_args)
+    if status is not None:
+        t.response_started(status, ctype, 4.5)
+    for piece in chunks:
+        t.feed(piece)
+    return Ended(t, partial=partial, error=error, latency_ms=9.25)
+
+
+@pytest.mark.parametrize("name", sorted(EXCHANGES))
+def test_the_writer_builds_the_same_record_as_the_serving_process(name):
+    limit = 4096 if name == "body past the limit" else 1_048_576
+    here = _ended(name, limit=limit).record()
+    there = json.loads(frame_line(_ended(name, limit=limit).frame()))
+    assert there == json.loads(json.dumps(here))
+    assert set(there) == RECORD_KEYS
+
+
+def test_a_short_exchange_travels_as_its_raw_bytes_a_folded_one_as_its_record():
+    short = _ended("stream with tool calls")
+    frame = short.frame()
+    assert frame[0] == 1 and _tool_stream() in frame, "the capture: request and response bytes as relayed"
+    folded = _ended("stream past the fold size")
+    assert folded.frame()[0] == 2, "a stream that was already folded here is finished here"
+
+
+def test_frames_survive_any_split_of_the_byte_stream():
+    frames = [_ended(name).frame() for name in ("plain", "upstream error", "no response")]
+    data = b"".join(frames)
+    for cut in range(len(data) + 1):
+        reader = FrameReader()
+        assert reader.feed(data[:cut]) + reader.feed(data[cut:]) == frames
+        assert reader.pending == 0
+
+
+def test_a_stream_that_is_not_frames_is_refused():
+    with pytest.raises(ValueError, match="not a transcript frame"):
+        FrameReader().feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

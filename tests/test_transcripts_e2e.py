@@ -431,6 +431,56 @@ def test_the_main_log_does_not_repeat_transcripts(daemon, client, log_dir):
 # -- forward keys: caller is a name or a short hash, never a key ----------------------------------------------
 
 
+def writer_pids(daemon_pid: int) -> list[int]:
+    """The daemon's transcript writer process(es)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().split(b"\0")
+        except OSError:
+            continue
+        if parent == daemon_pid and b"fwd.chatlog" in command:
+            pids.append(int(entry))
+    return pids
+
+
+def test_records_are_built_by_a_writer_process_that_comes_back_if_killed(upstream, tmp_path):
+    import signal
+
+    env = {"OPENAI_BASE_URL": upstream.url, "LOG_CHAT": "true", "LOG_DIR": str(tmp_path / "Log")}
+    with DaemonProcess(env=env) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=20)
+        first = marker()
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": first}])
+        wait_record(tmp_path / "Log", mentions(first))
+        [writer] = writer_pids(proxy.process.pid)
+        os.kill(writer, signal.SIGKILL)
+        proxy.wait_for("transcript writer exited")
+        # Answers keep flowing while the writer is away, and their records are written once it is back.
+        markers = [marker() for _ in range(5)]
+        for m in markers:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": m}], stream=True)
+        for m in markers:
+            assert wait_record(tmp_path / "Log", mentions(m))["response"]["content"] == f"echo: {m}"
+        [again] = writer_pids(proxy.process.pid)
+        assert again != writer
+        last = marker()
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": last}])
+        os.killpg(proxy.process.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, writer included
+        proxy.process.wait(timeout=30)
+    assert wait_record(tmp_path / "Log", mentions(last))["status"] == 200, "the writer wrote everything first"
+    assert len(read_records(tmp_path / "Log")) == 7
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{again}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{again}"), "the writer ends with the daemon"
+
+
 def test_caller_is_the_forward_keys_configured_name(upstream, tmp_path):
     config = tmp_path / "fwd.toml"
     config.write_text(
