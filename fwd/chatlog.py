@@ -356,6 +356,11 @@ class TranscriptService(service.Service):
     def writer_started(self, writer: WriterProcess) -> None:
         self.writer = writer
         self.sender.attach(writer.transport)
+        _log.info(
+            "transcript writer started (pid {pid}), writing {path}",
+            pid=writer.transport.pid,
+            path=os.path.join(self.directory, TRANSCRIPT_FILENAME),
+        )
 
     def writer_ended(self, writer: WriterProcess, reason) -> None:
         if self.writer is writer:
@@ -448,13 +453,13 @@ class WriterProcess(protocol.ProcessProtocol):
 def run_writer(directory: str, rotate_length: int, max_rotated: int) -> None:
     """The transcript writer process: frames on stdin, records appended to chat.jsonl, until stdin closes.
 
-    It ignores SIGINT and SIGTERM (a Ctrl-C on `twistd -n` reaches the whole process group): it ends when the
-    daemon closes its stdin, or dies, after writing everything it was sent.
+    It ignores SIGINT, SIGTERM and SIGHUP (a Ctrl-C on `twistd -n` or a closed terminal reaches the whole
+    process group): it ends when the daemon closes its stdin, or dies, after writing everything it was sent.
     """
     from twisted.logger import globalLogBeginner, jsonFileLogObserver
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout, recordSeparator="")], redirectStandardIO=False)
     status = Logger(namespace="fwd.chatlog.status")
     out = TranscriptFile(directory, rotate_length, max_rotated)

@@ -174,6 +174,7 @@ def lines_of(data):
 class FakeProcess(StringTransport):
     def __init__(self):
         super().__init__()
+        self.pid = 4242
         self.stdin_closed = False
         self.signals = []
 
