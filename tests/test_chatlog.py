@@ -244,11 +244,18 @@ def test_frames_wait_for_a_transport_and_past_the_backlog_limit_are_dropped_and_
     assert lines_of(transport.value())[-1]["uid"] == "u20"
 
 
-def test_the_service_restarts_a_dead_writer_and_nothing_sent_meanwhile_is_lost(tmp_path):
+def running_service(tmp_path, refuse=False):
+    """A TranscriptService started on a ProcessClock; its clock and publisher."""
     clock = ProcessClock()
+    clock.refuse = refuse
     publisher = LogPublisher()
     svc = chatlog.TranscriptService(str(tmp_path), publisher=publisher, reactor=clock)
     svc.startService()
+    return svc, clock, publisher
+
+
+def test_the_service_restarts_a_dead_writer_and_nothing_sent_meanwhile_is_lost(tmp_path):
+    svc, clock, publisher = running_service(tmp_path)
     first, args = clock.spawned[0]
     assert args[1:3] == ["-m", "fwd.chatlog"] and args[3] == str(tmp_path)
     publish(publisher, 1)
@@ -271,10 +278,7 @@ def test_the_service_restarts_a_dead_writer_and_nothing_sent_meanwhile_is_lost(t
 
 
 def test_stopping_closes_the_writers_stdin_and_waits_for_it(tmp_path):
-    clock = ProcessClock()
-    publisher = LogPublisher()
-    svc = chatlog.TranscriptService(str(tmp_path), publisher=publisher, reactor=clock)
-    svc.startService()
+    svc, clock, publisher = running_service(tmp_path)
     writer, _ = clock.spawned[0]
     publish(publisher, 1)
     done = svc.stopService()
@@ -287,11 +291,7 @@ def test_stopping_closes_the_writers_stdin_and_waits_for_it(tmp_path):
 
 
 def test_with_no_writer_at_stop_the_daemon_writes_what_waits_itself(tmp_path):
-    clock = ProcessClock()
-    clock.refuse = True
-    publisher = LogPublisher()
-    svc = chatlog.TranscriptService(str(tmp_path), publisher=publisher, reactor=clock)
-    svc.startService()
+    svc, clock, publisher = running_service(tmp_path, refuse=True)
     publish(publisher, 1)
     publish(publisher, 2)
     svc.stopService()
