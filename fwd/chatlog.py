@@ -245,12 +245,13 @@ class FrameSender:
             return
         owed = self.sent_while_paused if transport is not None else self.waiting_size
         if owed + len(data) > MAX_BACKLOG:
-            self.dropped += len(frames)
-            _log.error(
-                "the transcript writer is {how}; {count} transcript(s) dropped so far",
-                how="not keeping up" if transport is not None else "not running",
-                count=self.dropped,
-            )
+            before, self.dropped = self.dropped, self.dropped + len(frames)
+            if before == 0 or before // 1000 != self.dropped // 1000:  # the first drop, then every thousandth
+                _log.error(
+                    "the transcript writer is {how}; {count} transcript(s) dropped so far",
+                    how="not keeping up" if transport is not None else "not running",
+                    count=self.dropped,
+                )
         elif transport is not None:
             self.sent_while_paused += len(data)
             transport.write(data)

@@ -221,6 +221,8 @@ def test_the_frames_of_one_reactor_turn_go_out_in_one_write():
 
 def test_frames_wait_for_a_transport_and_past_the_backlog_limit_are_dropped_and_counted(monkeypatch):
     monkeypatch.setattr(chatlog, "MAX_BACKLOG", 2000)
+    logged = []
+    monkeypatch.setattr(chatlog, "_log", Logger(namespace="fwd.chatlog", observer=LogPublisher(logged.append)))
     clock = Clock()
     sender = FrameSender(clock)
     for n in range(10):
@@ -238,6 +240,7 @@ def test_frames_wait_for_a_transport_and_past_the_backlog_limit_are_dropped_and_
         sender.send(ended(n).frame())
         clock.advance(0)
     assert sender.dropped > before, "a writer that does not keep up does not make the daemon grow"
+    assert len(logged) == 1, "the first drop is logged, not every one"
     sender.resumeProducing()
     sender.send(ended(20).frame())
     clock.advance(0)
