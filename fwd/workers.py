@@ -50,6 +50,7 @@ class WorkerProtocol(protocol.ProcessProtocol):
         self.buffer = b""
         self.started = supervisor.clock.seconds()
         self.ended = defer.Deferred()
+        self.line_closed: defer.Deferred | None = None
 
     def outReceived(self, data: bytes) -> None:
         lines = (self.buffer + data).split(b"\n")
@@ -180,7 +181,9 @@ class Supervisor(service.Service):
                 worker, sys.executable, [sys.executable, "-m", "fwd.workers"], env=env, path=os.getcwd(), childFDs=child_fds
             )
             if ours is not None:
-                adopt_line(self.reactor, ours.fileno(), TranscriptLine(receive=self.transcripts.send))
+                line = TranscriptLine(receive=self.transcripts.send)
+                adopt_line(self.reactor, ours.fileno(), line)
+                worker.line_closed = line.closed
         finally:
             for end in (ours, theirs):
                 if end is not None:
@@ -240,7 +243,10 @@ class Supervisor(service.Service):
         self.stopping = True
         if self.previous_hup is not None:
             signal.signal(signal.SIGHUP, self.previous_hup)
-        ended = [w.ended for w in self.workers.values()]
+        # A worker is done when it has exited and its last transcripts have arrived.
+        ended = [w.ended for w in self.workers.values()] + [
+            w.line_closed for w in self.workers.values() if w.line_closed is not None
+        ]
         self.signal_workers(signal.SIGTERM)
         for port in self.ports:
             port.stopListening()
