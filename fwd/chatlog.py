@@ -165,6 +165,15 @@ class TranscriptFile:
         """Queue one encoded record for the next flush."""
         self._lines.append(line)
 
+    def add_frames(self, frames: list[bytes]) -> None:
+        """Queue the records of frames from a serving process; one that cannot be built is logged and counted."""
+        for frame in frames:
+            try:
+                self._lines.append(frame_line(frame))
+            except Exception:
+                _log.failure("a transcript could not be built")
+                self.write_errors += 1
+
     def _failed(self, problem: Exception, count: int = 1) -> None:
         """Count failed records; say so in the main log the first time only."""
         self.write_errors += count
@@ -307,7 +316,7 @@ class TranscriptService(service.Service):
         reactor=None,
     ) -> None:
         self.directory = os.path.abspath(directory)
-        self.clock = clock if clock is not None or reactor is None else reactor
+        self.clock = clock if clock is not None else reactor
         self.reactor = reactor
         self.rotate_length = rotate_length
         self.max_rotated = max_rotated
@@ -408,11 +417,7 @@ class TranscriptService(service.Service):
         out = TranscriptFile(self.directory, self.rotate_length, self.max_rotated)
         reader = FrameReader()
         for data in waiting:
-            for frame in reader.feed(data):
-                try:
-                    out.add(frame_line(frame))
-                except Exception:
-                    _log.failure("a transcript could not be built")
+            out.add_frames(reader.feed(data))
         out.close()
 
 
@@ -476,12 +481,7 @@ def run_writer(directory: str, rotate_length: int, max_rotated: int) -> None:
         except FrameError as e:
             frames = e.frames
             broken = str(e)
-        for frame in frames:
-            try:
-                out.add(frame_line(frame))
-            except Exception:
-                _log.failure("a transcript could not be built")
-                out.write_errors += 1
+        out.add_frames(frames)
         out.flush()
         if out.write_errors != reported:
             reported = out.write_errors

@@ -810,8 +810,8 @@ def frame_line(frame: bytes) -> bytes:
     meta = orjson.loads(frame[at : at + head])
     at += head
     transcript = Transcript.rebuild(meta, frame[at : at + request], frame[at + request : at + request + response])
-    record = transcript.finish(partial=meta["partial"], error=meta["error"], latency_ms=meta["latency_ms"])
-    return encode_record(record)
+    ended = Ended(transcript, partial=meta["partial"], error=meta["error"], latency_ms=meta["latency_ms"])
+    return encode_record(ended.record())
 
 
 class FrameError(ValueError):
