@@ -9,6 +9,7 @@ import hmac
 import ipaddress
 import json
 import re
+from urllib.parse import unquote_to_bytes
 
 import attrs
 
@@ -125,6 +126,67 @@ def decide(
     if not route.allow_client_keys:
         return Decision(False, error=errors.client_keys_forbidden())
     return Decision(False, client_key=credential)
+
+
+@attrs.frozen
+class Admission:
+    """A request head judged fit for a route: how it is served and who the client is."""
+
+    decision: Decision
+    client: str
+    from_api_key: bool = False
+
+    @property
+    def caller(self) -> str:
+        return self.decision.caller
+
+
+def escapes(path: bytes) -> bool:
+    """Whether a path has dot-segments, plain or percent-encoded, that could climb out of a prefix."""
+    if b"." not in path and b"%" not in path and b"\\" not in path:
+        return False
+    decoded = unquote_to_bytes(path).replace(b"\\", b"/")
+    return any(segment in (b".", b"..") for segment in decoded.split(b"/"))
+
+
+def judge(
+    route: Route,
+    table: ForwardKeyTable,
+    *,
+    path: bytes,
+    peer: str,
+    headers,
+    proxy_keys: tuple[str, ...],
+    trusted_proxies: tuple,
+    ip_whitelist: tuple,
+    ip_blacklist: tuple,
+) -> Admission | errors.ProxyError:
+    """Judge a request head for a route: its path, the client's address and its credentials.
+
+    `headers` is anything with `getRawHeaders(name)` (twisted.web's Headers).  The credential is the
+    `Authorization: Bearer` token, or on an Azure route the `api-key` header when it is set.
+    """
+    if escapes(path):
+        return errors.bad_path()
+    client = peer
+    if trusted_proxies:
+        client = client_ip(peer, headers.getRawHeaders(b"x-forwarded-for"), trusted_proxies)
+    if (ip_whitelist or ip_blacklist) and not ip_allowed(client, ip_whitelist, ip_blacklist):
+        return errors.ip_denied(client)
+    credential = None
+    from_api_key = False
+    if route.kind == "azure":
+        api_key = headers.getRawHeaders(b"api-key")
+        if api_key:
+            credential = api_key[0].decode("latin-1").strip() or None
+            from_api_key = credential is not None
+    if credential is None:
+        authorization = headers.getRawHeaders(b"authorization")
+        credential = bearer(authorization[0]) if authorization else None
+    decision = decide(route, table, credential, proxy_keys)
+    if decision.error is not None:
+        return decision.error
+    return Admission(decision, client, from_api_key)
 
 
 def bearer(value: bytes | None) -> str | None:

@@ -7,7 +7,6 @@ message is the one line printed at startup; it never contains a secret.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 import re
@@ -68,6 +67,13 @@ SETTINGS = (
     Setting("metrics-port", ("METRICS_PORT",), "", help="endpoint of a Prometheus /metrics listener, e.g. tcp:9100"),
     Setting("grace-period", ("GRACE_PERIOD",), "30",
             help="seconds running requests may take to finish after SIGTERM"),
+    Setting("body-timeout", ("BODY_TIMEOUT",), "30",
+            help="seconds a request body may pause before the request is answered 408 and closed"),
+    Setting("tls-ciphers", ("TLS_CIPHERS",), "ECDHE+AESGCM:ECDHE+CHACHA20",
+            help="OpenSSL cipher list for TLS 1.2 on ssl: ports (TLS 1.2 and later only; TLS 1.3 suites are fixed)"),
+    Setting("check-keys", ("CHECK_KEYS",), "true",
+            help="at startup and on SIGHUP, ask each pool key's upstream for /v1/models and disable the keys it "
+                 "refuses (not for kind = general routes)"),
 )
 SETTING_BY_KEY = {s.key: s for s in SETTINGS}
 SINGLE_ROUTE_KEYS = ("base_url", "api_key", "forward_key", "route_prefix")
@@ -133,6 +139,9 @@ class Config:
     workers: int = 1
     metrics_port: str | None = None
     grace_period: float = 30.0
+    body_timeout: float = 30.0
+    tls_ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
+    check_keys: bool = True
     config_file: str | None = None
     ignored: tuple[str, ...] = ()
 
@@ -146,9 +155,14 @@ def split_list(value: object) -> list[str]:
     return [part for part in re.split(r"[\s,]+", str(value)) if part]
 
 
-def short_hash(secret: str) -> str:
-    """A stable, non-reversible name for a key that has none, safe to log."""
-    return "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
+def unnamed(key: str, index: int, taken: set[str]) -> str:
+    """The name of a forward key given without one: its masked form (prefix and last four characters), which
+    does not give the key away; a key too short to mask, or masking like an earlier one, is named by its
+    place in the list instead."""
+    name = mask(key)
+    if name == "***" or name in taken:
+        name = f"fk-#{index}"
+    return name
 
 
 def mask(secret: str) -> str:
@@ -256,6 +270,11 @@ def parse_url(value: object, source: str) -> str:
         raise ConfigError(f"{source}={text!r} has an invalid port") from None
     if parts.query or parts.fragment:
         raise ConfigError(f"{source}={text!r} must not carry a query or fragment")
+    if "@" in parts.netloc:
+        # Never echo it: the user info is a credential.
+        raise ConfigError(
+            f"{source} has a user name or password in it: put the upstream's key in the key pool instead"
+        )
     return text.rstrip("/")
 
 
@@ -268,6 +287,16 @@ def parse_prefix(value: object, source: str) -> str:
     text = text.rstrip("/")
     if any(seg in (".", "..") for seg in text.split("/")) or "?" in text or "%" in text:
         raise ConfigError(f"{source}={text!r} must be a plain path such as /openai")
+    return text
+
+
+_CIPHERS = re.compile(r"[A-Za-z0-9+:!@=_-]+")
+
+
+def parse_ciphers(raw: Raw) -> str:
+    text = str(raw.value or "").strip()
+    if not _CIPHERS.fullmatch(text):
+        raise ConfigError(f"{raw.source}={text!r} is not an OpenSSL cipher list, e.g. ECDHE+AESGCM:ECDHE+CHACHA20")
     return text
 
 
@@ -349,7 +378,7 @@ def parse_forward_keys(value: object, source: str) -> tuple[ForwardKey, ...]:
     for index, item in enumerate(items, 1):
         if isinstance(item, str):
             key = parse_one_forward_key(item, source, index)
-            keys.append(ForwardKey(key, short_hash(key)))
+            keys.append(ForwardKey(key, unnamed(key, index, {k.name for k in keys})))
         elif isinstance(item, Mapping):
             unknown = set(item) - {"key", "name", "models"}
             if unknown or not isinstance(item.get("key"), str):
@@ -360,7 +389,7 @@ def parse_forward_keys(value: object, source: str) -> tuple[ForwardKey, ...]:
                 not isinstance(models, (list, tuple)) or not all(isinstance(m, str) for m in models)
             ):
                 raise ConfigError(f"{source}: forward key {index} models must be a list of model names")
-            name = str(item.get("name") or short_hash(key))
+            name = str(item.get("name") or unnamed(key, index, {k.name for k in keys}))
             keys.append(ForwardKey(key, name, frozenset(models) if models is not None else None))
         else:
             raise ConfigError(f"{source}: forward key {index} must be a string or a table")
@@ -434,16 +463,27 @@ def routes_from_file(tables: object, file_name: str, allow_client_keys: bool) ->
     return tuple(routes)
 
 
-def read_config_file(path: str) -> dict:
+def read_config_file(path: str) -> str:
+    """The text of a --config file; a problem is one ConfigError line."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            data = f.read()
     except OSError as e:
         raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"--config {path}: not UTF-8 text; save it as UTF-8") from None
+
+
+def parse_config_text(text: str, path: str) -> dict:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    unknown = set(data) - set(SETTING_BY_KEY) - {"route"}
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown setting {sorted(unknown)[0]!r}")
     return data
 
 
@@ -489,9 +529,71 @@ def build(raw: Mapping[str, Raw], file_data: Mapping[str, object] | None = None,
         workers=parse_int(raw["workers"], 1),
         metrics_port=parse_port(metrics, raw["metrics_port"].source) if metrics else None,
         grace_period=parse_seconds(raw["grace_period"]),
+        body_timeout=parse_seconds(raw["body_timeout"]),
+        tls_ciphers=parse_ciphers(raw["tls_ciphers"]),
+        check_keys=parse_bool(raw["check_keys"]),
         config_file=file_name or None,
         ignored=ignored,
     )
+
+
+@attrs.frozen
+class Sources:
+    """Everything a configuration is read from, read once: what the supervisor of --workers hands its workers,
+    so a worker started after a refused reload serves the last good configuration, not a broken file."""
+
+    cli: dict
+    environ: dict
+    dotenv: str | None = attrs.field(default=None, repr=False)
+    dotenv_path: str | None = None
+    config_text: str | None = attrs.field(default=None, repr=False)
+    config_file: str | None = None
+
+    def to_json(self) -> dict:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Sources:
+        return cls(**data)
+
+
+def setting_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment variables settings read, and nothing else."""
+    names = {env for setting in SETTINGS for env in setting.envs}
+    return {name: environ[name] for name in names if name in environ}
+
+
+def read_sources(
+    cli: Mapping[str, object],
+    environ: Mapping[str, str] | None = None,
+    dotenv_path: str | None = ".env",
+    config_file: str | None = None,
+) -> Sources:
+    """Read the environment, `.env` and the --config file now."""
+    dotenv = None
+    if dotenv_path and os.path.isfile(dotenv_path):
+        try:
+            with open(dotenv_path, encoding="utf-8") as f:
+                dotenv = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{dotenv_path}: cannot read it ({e})") from None
+    return Sources(
+        cli=dict(cli),
+        environ=setting_environ(os.environ if environ is None else environ),
+        dotenv=dotenv,
+        dotenv_path=dotenv_path,
+        config_text=read_config_file(config_file) if config_file else None,
+        config_file=config_file,
+    )
+
+
+def from_sources(sources: Sources) -> Config:
+    """The validated Config of what was read."""
+    dotenv = read_dotenv(sources.dotenv) if sources.dotenv is not None else {}
+    file_name = sources.config_file or ""
+    file_data = parse_config_text(sources.config_text, file_name) if sources.config_text is not None else {}
+    raw = gather(sources.cli, sources.environ, dotenv, file_data, file_name)
+    return build(raw, file_data, file_name)
 
 
 def load(
@@ -501,22 +603,7 @@ def load(
     config_file: str | None = None,
 ) -> Config:
     """Read every source in precedence order and return the validated Config."""
-    environ = os.environ if environ is None else environ
-    dotenv = {}
-    if dotenv_path and os.path.isfile(dotenv_path):
-        try:
-            with open(dotenv_path, encoding="utf-8") as f:
-                dotenv = read_dotenv(f.read())
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{dotenv_path}: cannot read it ({e})") from None
-    file_data: dict = {}
-    if config_file:
-        file_data = read_config_file(config_file)
-        unknown = set(file_data) - set(SETTING_BY_KEY) - {"route"}
-        if unknown:
-            raise ConfigError(f"--config {config_file}: unknown setting {sorted(unknown)[0]!r}")
-    raw = gather(cli, environ, dotenv, file_data, config_file or "")
-    return build(raw, file_data, config_file or "")
+    return from_sources(read_sources(cli, environ, dotenv_path, config_file))
 
 
 def describe(config: Config) -> Iterable[str]:

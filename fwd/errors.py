@@ -24,8 +24,39 @@ class ProxyError:
         ).encode()
 
 
-def not_found(path: str) -> ProxyError:
-    return ProxyError(404, f"No route serves {path}: check the base_url and ROUTE_PREFIX.", code="not_found")
+# Status lines of the errors the proxy answers itself, for answers written before a Request exists.
+REASONS = {
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found", 408: b"Request Timeout",
+    413: b"Content Too Large", 429: b"Too Many Requests", 500: b"Internal Server Error", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+
+
+def not_found(what: str) -> ProxyError:
+    """No route serves the request; `what` names it without its query (which may hold a key)."""
+    return ProxyError(404, f"No route serves {what}: check the base_url and ROUTE_PREFIX.", code="not_found")
+
+
+def bad_request(message: str) -> ProxyError:
+    return ProxyError(400, message, code="bad_http_request")
+
+
+def bad_http_request() -> ProxyError:
+    return bad_request("Malformed HTTP request: the proxy could not frame it.")
+
+
+def head_timeout(seconds: float) -> ProxyError:
+    return ProxyError(408, f"The request headers did not arrive within {seconds:g} s.", code="request_timeout")
+
+
+def body_timeout(seconds: float) -> ProxyError:
+    return ProxyError(
+        408, f"The request body stopped arriving for {seconds:g} s (BODY_TIMEOUT).", code="request_timeout"
+    )
+
+
+def internal() -> ProxyError:
+    return ProxyError(500, "The proxy failed; see its log.", type="server_error")
 
 
 def bad_path() -> ProxyError:

@@ -68,3 +68,29 @@ def response_headers(headers: Iterable[tuple[bytes, list[bytes]]]) -> list[tuple
 
 def is_event_stream(content_type: list[bytes] | None) -> bool:
     return bool(content_type) and content_type[0].split(b";", 1)[0].strip().lower() == b"text/event-stream"
+
+
+def upstream_headers(
+    headers: Iterable[tuple[bytes, list[bytes]]],
+    *,
+    hop_prefix: bytes,
+    host: bytes,
+    decision,
+    from_api_key: bool,
+    proxy_keys: bool,
+) -> list[tuple[bytes, list[bytes]]]:
+    """The headers of a request to the upstream, before any pool key is added.
+
+    The client's credentials are dropped when the pool serves the request or when a proxy key was
+    stripped from them; in the latter case the client's own key goes on in the header it came in.
+    """
+    substitute = decision.use_pool or proxy_keys
+    out = request_headers(headers, hop_prefix, drop_credentials=substitute)
+    out.append((b"host", [host]))
+    if substitute and decision.client_key is not None:
+        key = decision.client_key.encode("latin-1")
+        if from_api_key:
+            out.append((b"api-key", [key]))
+        else:
+            out.append((b"authorization", [b"Bearer " + key]))
+    return out

@@ -7,10 +7,12 @@ state changes are reported through a twisted.logger Logger with masked keys only
 from __future__ import annotations
 
 import json
+from email.utils import parsedate_to_datetime
 
 import attrs
 from twisted.logger import Logger
 
+from fwd import errors
 from fwd.config import mask
 
 FIRST_BACKOFF = 1.0
@@ -18,6 +20,9 @@ MAX_BACKOFF = 60.0
 REPROBE_AFTER = 300.0
 MAX_RETRY_AFTER = 3600.0
 
+
+# Upstream answers to a pool key that say something about the key: judged, and maybe replayed on the next.
+RETRY_STATUSES = frozenset({401, 403, 429})
 
 # Codes of refusals that say the key has no money left: resting it for seconds would retry it all day.
 OUT_OF_QUOTA = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"})
@@ -170,3 +175,59 @@ class KeyPool:
             if state.key == key:
                 return state
         return None
+
+
+def retry_after_seconds(values: list[bytes] | None, now: float) -> float | None:
+    """Parse a Retry-After header: seconds or an HTTP date."""
+    if not values:
+        return None
+    text = values[0].decode("latin-1").strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(text).timestamp() - now)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+class KeyAttempts:
+    """The pool keys one request tries in turn: each attempt takes the next key it has not tried, and an
+    upstream refusal of a key rests or disables it before the request is replayed on the next."""
+
+    def __init__(self, pool: KeyPool, kind: str, use_pool: bool):
+        self.pool = pool
+        self.azure = kind == "azure"
+        self.use_pool = use_pool
+        self.key: str | None = None
+        self.tried: set[str] = set()
+
+    def next(self, headers: list[tuple[bytes, list[bytes]]]) -> list[tuple[bytes, list[bytes]]] | errors.ProxyError:
+        """The headers of the next attempt (with its pool key), or the error to answer when every key rests."""
+        if not self.use_pool:
+            return headers
+        pool = self.pool
+        key = pool.pick(self.tried)
+        if key is None:
+            return errors.keys_exhausted(pool.retry_after(), rate_limited=not pool.all_disabled())
+        self.key = key
+        self.tried.add(key)
+        encoded = key.encode("latin-1")
+        if self.azure:
+            return [*headers, (b"api-key", [encoded])]
+        return [*headers, (b"authorization", [b"Bearer " + encoded])]
+
+    def succeeded(self) -> None:
+        self.pool.succeeded(self.key)
+
+    def refused(self, status: int, body: bytes, retry_after: float | None) -> str:
+        """The upstream refused this attempt's key: "replay" on the next key, or "relay" the answer."""
+        judged = verdict(status, body)
+        if judged == "relay":
+            return "relay"
+        if judged == "rest":
+            self.pool.rate_limited(self.key, retry_after)
+        else:
+            self.pool.rejected(self.key, status)
+        return "replay"

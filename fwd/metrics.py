@@ -12,10 +12,12 @@ from collections import Counter as Tally
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from twisted.application import service
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.web.resource import Resource
+from twisted.web.server import Site
 from zope.interface import implementer
 
 ACCESS_NAMESPACE = "fwd.access"
@@ -105,3 +107,30 @@ class MetricsPage(Resource):
     def render_GET(self, request):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return self.metrics.exposition()
+
+
+class MetricsService(service.MultiService):
+    """Counts access events into Prometheus metrics and serves /metrics on its own listener."""
+
+    def __init__(self, description: str, status: Callable[[], dict], transcripts, reactor, ciphers: str):
+        """`status` describes the requests in flight and the keys; `transcripts` is the TranscriptService
+        whose write errors are counted, or None."""
+        from fwd.listeners import Listener
+
+        super().__init__()
+
+        def everything() -> dict:
+            return {**status(), "transcript_write_errors": transcripts.write_errors if transcripts is not None else 0}
+
+        self.metrics = Metrics(everything)
+        site = Site(MetricsResource(self.metrics))
+        site.noisy = False
+        Listener(description, site, reactor, ciphers, option="--metrics-port").setServiceParent(self)
+
+    def startService(self):
+        globalLogPublisher.addObserver(self.metrics)
+        super().startService()
+
+    def stopService(self):
+        globalLogPublisher.removeObserver(self.metrics)
+        return super().stopService()

@@ -47,7 +47,8 @@ class Options(usage.Options):
         self.cli = cli
         self.load = lambda: configuration.load(cli, config_file=self["config"])
         try:
-            self.config = self.load()
+            self.sources = configuration.read_sources(cli, config_file=self["config"])
+            self.config = configuration.from_sources(self.sources)
         except configuration.ConfigError as e:
             fail(e)
 
@@ -60,13 +61,13 @@ def fail(problem: object) -> None:
 
 
 def makeService(options) -> service.MultiService:
-    """Build the daemon: one listener per --port around a Forwarder sharing one upstream connection pool."""
+    """Build the daemon (see fwd.daemon), or the supervisor of its workers (see fwd.workers)."""
     from fwd.daemon import build_service
     from fwd.workers import build_supervisor
 
     try:
         if options.config.workers > 1:
-            return build_supervisor(options.config, options.cli, options["config"])
+            return build_supervisor(options.sources, options.config)
         return build_service(options.config, load=options.load)
     except configuration.ConfigError as e:
         fail(e)

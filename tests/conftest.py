@@ -1,8 +1,8 @@
-"""Fixtures shared by the end-to-end tests."""
+"""Fixtures shared by the end-to-end tests, and the `slow` mark: a test that needs a real process is slow."""
 
 import pytest
 
-from fwd.testing import FakeUpstreamProcess
+from tests.support.processes import FakeUpstreamProcess
 
 
 @pytest.fixture(scope="module")
@@ -10,3 +10,10 @@ def upstream():
     """The project's fake OpenAI upstream as a real process on loopback, one per test module."""
     with FakeUpstreamProcess() as fake:
         yield fake
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that uses the fake upstream process, directly or through a fixture, is slow."""
+    for item in items:
+        if "upstream" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -1,15 +1,19 @@
-"""Tests for the transcript log observer and LOG_DIR checks."""
+"""Transcripts after the request path: events, frames to the writer process, the writer and chat.jsonl."""
 
 import json
 import os
 
 import pytest
+from twisted.logger import Logger, LogPublisher
 
-from twisted.logger import FilteringLogObserver, LogPublisher, Logger, PredicateResult
-
-from fwd import chatlog
-from fwd.chatlog import TRANSCRIPT_NAMESPACE, TranscriptFile, check_log_dir, notTranscripts
-from fwd.transcript import Ended, Transcript
+from fwd.transcripts import events
+from fwd.transcripts import sender as sender_module
+from fwd.transcripts import writer as writer_module
+from fwd.transcripts.assembly import Ended, Transcript
+from fwd.transcripts.events import TRANSCRIPT_NAMESPACE
+from fwd.transcripts.frames import encode_record
+from fwd.transcripts.service import TranscriptService, check_log_dir
+from fwd.transcripts.writer import TranscriptFile
 
 
 def record(n, text="héllo"):
@@ -21,19 +25,16 @@ def read_lines(path):
         return f.read().splitlines()
 
 
-def test_one_line_per_record_and_other_events_ignored(tmp_path):
-    observer = TranscriptFile(str(tmp_path))
-    publisher = LogPublisher(observer)
-    log = Logger(namespace=TRANSCRIPT_NAMESPACE, observer=publisher)
-    other = Logger(namespace="fwd.proxy", observer=publisher)
-    log.info("transcript", transcript=record(1))
-    other.info("request {path}", path="/v1/chat/completions", transcript=record(99))
-    log.info("transcript", transcript=record(2))
+def test_records_are_written_one_compact_utf8_line_each(tmp_path):
+    out = TranscriptFile(str(tmp_path))
+    for n in (1, 2):
+        out.add(encode_record(record(n)))
+    out.flush()
     lines = read_lines(tmp_path / "chat.jsonl")
     assert [json.loads(line)["uid"] for line in lines] == ["u1", "u2"]
     assert "héllo" in lines[0]  # UTF-8, not \u escapes
     assert " " not in lines[0].replace("line two", "")  # compact separators
-    observer.close()
+    out.close()
 
 
 def ended(n, text="héllo"):
@@ -48,69 +49,47 @@ def ended(n, text="héllo"):
     return Ended(transcript, partial=False, error=None, latency_ms=2.0)
 
 
-def test_emit_reaches_the_file_but_not_the_filtered_main_log(tmp_path, monkeypatch):
+def test_emit_reaches_the_transcript_publisher_and_never_the_main_log(monkeypatch):
+    from twisted.logger import globalLogPublisher
+
     publisher = LogPublisher()
-    monkeypatch.setattr(chatlog, "transcriptPublisher", publisher)
-    main_events = []
-    publisher.addObserver(FilteringLogObserver(main_events.append, [notTranscripts]))
-    observer = TranscriptFile(str(tmp_path))
-    publisher.addObserver(observer)
-    chatlog.emit(ended(1))
-    Logger(namespace="fwd.proxy", observer=publisher).info("started")
-    lines = read_lines(tmp_path / "chat.jsonl")
-    assert [json.loads(line)["uid"] for line in lines] == ["u1"]
-    assert json.loads(lines[0])["response"]["content"] == "héllo"
-    assert [e["log_namespace"] for e in main_events] == ["fwd.proxy"]
-    observer.close()
+    monkeypatch.setattr(events, "transcript_publisher", publisher)
+    seen, main = [], []
+    publisher.addObserver(seen.append)
+    globalLogPublisher.addObserver(main.append)
+    try:
+        events.emit(ended(1))
+    finally:
+        globalLogPublisher.removeObserver(main.append)
+    assert [e["transcript"].transcript.uid for e in seen] == ["u1"]
+    assert not [e for e in main if e.get("log_namespace") == TRANSCRIPT_NAMESPACE]
 
 
-def test_with_a_clock_records_of_one_reactor_turn_are_flushed_together_at_its_end(tmp_path):
-    from twisted.internet.task import Clock
-
-    clock = Clock()
-    observer = TranscriptFile(str(tmp_path), clock=clock)
-    for n in range(3):
-        observer({"log_namespace": TRANSCRIPT_NAMESPACE, "transcript": record(n)})
-    assert len(clock.getDelayedCalls()) == 1, "one flush for the whole turn"
-    clock.advance(0)
-    assert [json.loads(line)["uid"] for line in read_lines(tmp_path / "chat.jsonl")] == ["u0", "u1", "u2"]
-    assert clock.getDelayedCalls() == []
-    observer.close()
-
-
-def test_not_transcripts_predicate():
-    assert notTranscripts({"log_namespace": TRANSCRIPT_NAMESPACE}) == PredicateResult.no
-    assert notTranscripts({"log_namespace": "fwd.chatlog"}) == PredicateResult.maybe
-
-
-def test_rotation_by_size(tmp_path):
-    observer = TranscriptFile(str(tmp_path), rotate_length=300, max_rotated=2)
+def test_rotation_by_size_never_splits_a_record(tmp_path):
+    out = TranscriptFile(str(tmp_path), rotate_length=300, max_rotated=2)
     for n in range(30):
-        observer({"log_namespace": TRANSCRIPT_NAMESPACE, "transcript": record(n, "x" * 40)})
-    observer.close()
+        out.add(encode_record(record(n, "x" * 40)))
+        out.flush()
+    out.close()
     names = sorted(os.listdir(tmp_path))
     assert names == ["chat.jsonl", "chat.jsonl.1", "chat.jsonl.2"]
     for name in names:
         assert os.path.getsize(tmp_path / name) < 300 + 100
         for line in read_lines(tmp_path / name):
-            json.loads(line)  # rotation never splits a record
+            json.loads(line)
     assert json.loads(read_lines(tmp_path / "chat.jsonl")[-1])["uid"] == "u29"
-    assert observer.written == 30
+    assert out.written == 30
 
 
-def test_write_error_is_counted_not_raised(tmp_path):
-    observer = TranscriptFile(str(tmp_path))
-    observer._file._file.close()  # the disk goes away under us
+def test_write_errors_are_counted_and_logged_once_not_raised(tmp_path, monkeypatch):
+    out = TranscriptFile(str(tmp_path))
+    out._file._file.close()  # the disk goes away under us
     errors = []
-    publisher = LogPublisher(errors.append)
-    original = chatlog._log
-    chatlog._log = Logger(namespace="fwd.chatlog", observer=publisher)
-    try:
-        for n in range(3):
-            observer({"log_namespace": TRANSCRIPT_NAMESPACE, "transcript": record(n)})
-    finally:
-        chatlog._log = original
-    assert observer.write_errors == 3
+    monkeypatch.setattr(writer_module, "_log", Logger(namespace="fwd.transcripts", observer=LogPublisher(errors.append)))
+    for n in range(3):
+        out.add(encode_record(record(n)))
+        out.flush()
+    assert out.write_errors == 3
     assert len(errors) == 1  # reported once, not per record
 
 
@@ -143,17 +122,6 @@ def test_check_log_dir_reports_unwritable_dir(tmp_path):
         locked.chmod(0o700)
 
 
-def test_transcript_service_writes_only_while_running(tmp_path):
-    publisher = LogPublisher()
-    log = Logger(namespace=TRANSCRIPT_NAMESPACE, observer=publisher)
-    svc = chatlog.TranscriptService(str(tmp_path), publisher=publisher)
-    svc.startService()
-    log.info("transcript", transcript=record(1))
-    svc.stopService()
-    log.info("transcript", transcript=record(2))
-    assert [json.loads(line)["uid"] for line in read_lines(tmp_path / "chat.jsonl")] == ["u1"]
-
-
 # -- the transcript writer process and what feeds it ---------------------------------------------------------
 
 import subprocess  # noqa: E402
@@ -163,8 +131,8 @@ from twisted.internet.task import Clock  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 
-from fwd.chatlog import FrameSender  # noqa: E402
-from fwd.transcript import FrameReader, frame_line  # noqa: E402
+from fwd.transcripts.frames import FrameReader, ended_frame, frame_line  # noqa: E402
+from fwd.transcripts.sender import FrameSender  # noqa: E402
 
 
 def lines_of(data):
@@ -220,13 +188,13 @@ def test_the_frames_of_one_reactor_turn_go_out_in_one_write():
 
 
 def test_frames_wait_for_a_transport_and_past_the_backlog_limit_are_dropped_and_counted(monkeypatch):
-    monkeypatch.setattr(chatlog, "MAX_BACKLOG", 2000)
+    monkeypatch.setattr(sender_module, "MAX_BACKLOG", 2000)
     logged = []
-    monkeypatch.setattr(chatlog, "_log", Logger(namespace="fwd.chatlog", observer=LogPublisher(logged.append)))
+    monkeypatch.setattr(sender_module, "_log", Logger(namespace="fwd.transcripts", observer=LogPublisher(logged.append)))
     clock = Clock()
     sender = FrameSender(clock)
     for n in range(10):
-        sender.send(ended(n).frame())
+        sender.send(ended_frame(ended(n)))
         clock.advance(0)
     assert 0 < sender.dropped < 10, "what fits in the backlog waits, the rest is counted"
     transport = StringTransport()
@@ -237,12 +205,12 @@ def test_frames_wait_for_a_transport_and_past_the_backlog_limit_are_dropped_and_
     sender.pauseProducing()
     before = sender.dropped
     for n in range(10, 20):
-        sender.send(ended(n).frame())
+        sender.send(ended_frame(ended(n)))
         clock.advance(0)
     assert sender.dropped > before, "a writer that does not keep up does not make the daemon grow"
     assert len(logged) == 1, "the first drop is logged, not every one"
     sender.resumeProducing()
-    sender.send(ended(20).frame())
+    sender.send(ended_frame(ended(20)))
     clock.advance(0)
     assert lines_of(transport.value())[-1]["uid"] == "u20"
 
@@ -252,7 +220,7 @@ def running_service(tmp_path, refuse=False):
     clock = ProcessClock()
     clock.refuse = refuse
     publisher = LogPublisher()
-    svc = chatlog.TranscriptService(str(tmp_path), publisher=publisher, reactor=clock)
+    svc = TranscriptService(str(tmp_path), clock, publisher=publisher)
     svc.startService()
     return svc, clock, publisher
 
@@ -260,7 +228,7 @@ def running_service(tmp_path, refuse=False):
 def test_the_service_restarts_a_dead_writer_and_nothing_sent_meanwhile_is_lost(tmp_path):
     svc, clock, publisher = running_service(tmp_path)
     first, args = clock.spawned[0]
-    assert args[1:3] == ["-m", "fwd.chatlog"] and args[3] == str(tmp_path)
+    assert args[1:3] == ["-m", "fwd.transcripts.writer"] and args[3] == str(tmp_path)
     publish(publisher, 1)
     clock.advance(0)
     assert [r["uid"] for r in lines_of(first.transport.value())] == ["u1"]
@@ -303,13 +271,14 @@ def test_with_no_writer_at_stop_the_daemon_writes_what_waits_itself(tmp_path):
 
 def run_writer_process(tmp_path, data):
     return subprocess.run(
-        [sys.executable, "-m", "fwd.chatlog", str(tmp_path), str(50 * 1024 * 1024), "10"],
+        [sys.executable, "-m", "fwd.transcripts.writer", str(tmp_path), str(50 * 1024 * 1024), "10"],
         input=data, capture_output=True, timeout=60,
     )
 
 
+@pytest.mark.slow
 def test_the_writer_process_appends_every_record_and_exits_when_its_input_ends(tmp_path):
-    frames = [ended(n).frame() for n in range(50)]
+    frames = [ended_frame(ended(n)) for n in range(50)]
     done = run_writer_process(tmp_path, b"".join(frames))
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in read_lines(tmp_path / "chat.jsonl")]
@@ -317,8 +286,9 @@ def test_the_writer_process_appends_every_record_and_exits_when_its_input_ends(t
     assert records[0]["response"]["content"] == "héllo"
 
 
+@pytest.mark.slow
 def test_the_writer_process_stops_with_one_log_line_on_input_that_is_not_frames(tmp_path):
-    done = run_writer_process(tmp_path, ended(1).frame() + b"garbage that is no frame at all")
+    done = run_writer_process(tmp_path, ended_frame(ended(1)) + b"garbage that is no frame at all")
     assert done.returncode == 1
     events = [json.loads(line) for line in done.stdout.decode().splitlines()]
     assert any("not a transcript frame" in e.get("why", "") for e in events)

@@ -7,14 +7,15 @@ from fwd.cli import run_arguments
 
 
 def plugin_settings(monkeypatch, argv):
-    """What the twistd plugin's options pass to config.load for this `openai-forward run` command line."""
+    """What the twistd plugin's options read the configuration from for this `openai-forward run` command line."""
     seen = {}
 
-    def fake_load(cli, config_file=None, **kw):
+    def fake_read(cli, config_file=None, **kw):
         seen.update(cli, config_file=config_file)
-        return "loaded"
+        return "sources"
 
-    monkeypatch.setattr(config, "load", fake_load)
+    monkeypatch.setattr(config, "read_sources", fake_read)
+    monkeypatch.setattr(config, "from_sources", lambda sources: "loaded" if sources == "sources" else None)
     options = tap.Options()
     options.parseOptions(run_arguments(argv))
     assert options.config == "loaded"

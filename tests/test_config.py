@@ -1,7 +1,8 @@
 """Configuration as the operator sees it: where each setting comes from, what is refused, what is printed."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fwd import config
 from fwd.config import ConfigError, ForwardKey, load
@@ -247,7 +248,7 @@ def test_config_file_route_tables_become_the_routes(files):
     assert (openai.prefix, openai.base_url, openai.kind) == ("/openai", "https://api.openai.com", "openai")
     assert openai.api_keys == (POOL, POOL2)
     alice, bob = openai.forward_keys
-    assert alice.key == FK and alice.name == config.short_hash(FK) and alice.models is None
+    assert alice.key == FK and alice.name == config.mask(FK) and alice.models is None
     assert bob == ForwardKey(FK2, "bob", frozenset({"gpt-4o-mini"}))
     assert bob.allows("gpt-4o-mini") and not bob.allows("gpt-4o") and not bob.allows(None)
     assert (azure.prefix, azure.base_url, azure.kind, azure.api_keys) == (

@@ -16,7 +16,10 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from fwd.testing import DaemonProcess, twistd_command
+from tests.support.network import free_port, make_certificate
+from tests.support.processes import DaemonProcess, twistd_command
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,12 +33,6 @@ def daemon(upstream):
 @pytest.fixture
 def client(daemon):
     return openai.OpenAI(base_url=daemon.url + "/v1", api_key="sk-client-own-key", max_retries=0, timeout=20)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_twistd_lists_the_plugin():
@@ -192,39 +189,6 @@ def test_route_prefix_serves_under_it_and_nothing_outside(upstream):
     assert health["status"] == "ok" and health["pid"] > 0
 
 
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
 def test_tls_and_plain_listeners_at_once(upstream, tmp_path):
     key, cert = make_certificate(tmp_path)
     arguments = [
@@ -364,4 +328,7 @@ def test_a_port_in_use_stops_startup_with_one_clear_line(tmp_path):
     assert output.count("cannot listen") == 1
     assert daemonized.returncode != 0
     assert "Address already in use" in daemonized.stderr
+    deadline = time.monotonic() + 10  # the daemonized child removes its pid file as it exits, after reporting
+    while (tmp_path / "fwd.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not (tmp_path / "fwd.pid").exists()

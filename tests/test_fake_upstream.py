@@ -1,4 +1,4 @@
-"""Tests for fwd.testing, the fake OpenAI upstream."""
+"""Tests for tests.support.upstream, the fake OpenAI upstream the other tests run against."""
 
 import base64
 import hashlib
@@ -21,7 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.server import Site
 
-from fwd.testing import FakeUpstream, FakeUpstreamProcess, parse_multipart
+from tests.support.processes import FakeUpstreamProcess
+from tests.support.upstream import FakeUpstream, parse_multipart
 
 URL = "http://upstream.test"
 BOUNDARY = b"fake-boundary-42"
@@ -355,6 +356,7 @@ def test_parse_multipart_matches_httpx_encoding(payload, purpose):
     ]
 
 
+@pytest.mark.slow
 def test_openai_sdk_against_subprocess():
     audio = bytes(range(256)) * 40
     with FakeUpstreamProcess(key_status={"sk-limited": (429, 7)}, timeout=10) as upstream:

@@ -26,7 +26,8 @@ from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
@@ -34,10 +35,10 @@ from twisted.python.failure import Failure
 
 from fwd import config as configuration
 from fwd.headers import CREDENTIALS, HOP_BY_HOP, request_headers, response_headers
+from fwd.site import CONNECTION_IDLE_SECONDS, HEADER_TIMEOUT_SECONDS
 from fwd.sse import SSEParser
-from fwd.testing import DaemonProcess, FakeUpstreamProcess
-from fwd.web import CONNECTION_IDLE_SECONDS, HEADER_TIMEOUT_SECONDS
-from tests.harness import MemoryProxy, split_response
+from tests.support.memory import MemoryProxy, split_response
+from tests.support.processes import DaemonProcess, FakeUpstreamProcess
 
 # Secrets the suite's daemon runs with; none may ever show up in what it writes or answers.
 POOL_KEYS = ("sk-faults-pool-aaaa1111aaaa", "sk-faults-pool-bbbb2222bbbb")
@@ -462,7 +463,7 @@ def test_in_memory_a_client_abort_cancels_the_upstream_at_once_and_leaves_nothin
         exchange = request.exchange
         if exchange is not None:
             assert exchange.pending is None and exchange.done
-    assert (proxy.forwarder.in_flight, proxy.forwarder.streams) == (0, 0)
+    assert (proxy.gateway.in_flight, proxy.gateway.streams) == (0, 0)
     # No upstream timeout, idle timer, fake-stream timer or connection timeout is left on the clock.
     assert proxy.clock.getDelayedCalls() == []
 

@@ -4,7 +4,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.harness import MemoryProxy, split_response
+from tests.support.memory import MemoryProxy, split_response
 
 
 def chat(stream=False, **extra):
@@ -216,7 +216,7 @@ class UpstreamFailureTests(SynchronousTestCase):
         proxy.raw_protocol.connectionLost(Exception("client went away"))
         proxy.flush()
         self.assertEqual(proxy.upstream.disconnects, 1)
-        self.assertEqual(proxy.forwarder.in_flight, 0)
+        self.assertEqual(proxy.gateway.in_flight, 0)
 
 
 class KeyPoolTests(SynchronousTestCase):
@@ -275,7 +275,7 @@ class KeyPoolTests(SynchronousTestCase):
         self.assertEqual(response.code, 200)
         self.fetch(proxy, "fk-alice0001")
         self.assertEqual([r.key for r in proxy.upstream.received], ["sk-a0000001", "sk-b0000002", "sk-b0000002"])
-        health = proxy.forwarder.routes[0].pool.health()
+        health = proxy.gateway.routes["/"].pool.health()
         self.assertEqual(health, {"available": 1, "cooling": 0, "disabled": 1})
 
     def test_every_key_rate_limited_is_a_429_with_retry_after(self):
@@ -298,7 +298,7 @@ class KeyPoolTests(SynchronousTestCase):
         proxy.upstream.key_status["sk-a0000001"] = (429, None, "insufficient_quota")
         response, _ = self.fetch(proxy, "fk-alice0001")
         self.assertEqual(response.code, 200)
-        self.assertEqual(proxy.forwarder.routes[0].pool.health(), {"available": 1, "cooling": 0, "disabled": 1})
+        self.assertEqual(proxy.gateway.routes["/"].pool.health(), {"available": 1, "cooling": 0, "disabled": 1})
 
     def test_a_403_about_the_region_reaches_the_client_and_rests_no_key(self):
         proxy = MemoryProxy(api_key="sk-a0000001 sk-b0000002", forward_key="fk-alice0001")
@@ -308,7 +308,7 @@ class KeyPoolTests(SynchronousTestCase):
         self.assertEqual(response.code, 403)
         self.assertEqual(json.loads(body)["error"]["code"], "unsupported_country_region_territory")
         self.assertEqual(len(proxy.upstream.received), 1, "not replayed: every key would get the same")
-        self.assertEqual(proxy.forwarder.routes[0].pool.health()["available"], 2)
+        self.assertEqual(proxy.gateway.routes["/"].pool.health()["available"], 2)
 
     def test_a_5xx_is_never_replayed(self):
         proxy = MemoryProxy(api_key="sk-a0000001 sk-b0000002", forward_key="fk-alice0001")

@@ -1,6 +1,7 @@
 """Which headers cross the proxy: end-to-end ones do, hop-by-hop ones and (when asked) credentials do not."""
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fwd.headers import HOP_BY_HOP, is_event_stream, request_headers, response_headers
 

@@ -1,15 +1,21 @@
 """The upstream key pool: rotation, rest after 429, disabling after 401/403, and what it logs."""
 
 from collections import Counter
-from email.utils import format_datetime
 from datetime import datetime, timezone
+from email.utils import format_datetime
 
 import pytest
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 
-from fwd.forward import retry_after_seconds
-from fwd.keys import FIRST_BACKOFF, MAX_BACKOFF, MAX_RETRY_AFTER, REPROBE_AFTER, KeyPool
+from fwd.keys import (
+    FIRST_BACKOFF,
+    MAX_BACKOFF,
+    MAX_RETRY_AFTER,
+    REPROBE_AFTER,
+    KeyPool,
+    retry_after_seconds,
+)
 
 A = "sk-proj-AAAAAAAAAAAAAAAAAAAA1111"
 B = "sk-proj-BBBBBBBBBBBBBBBBBBBB2222"

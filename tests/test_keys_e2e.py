@@ -18,7 +18,9 @@ import openai
 import pytest
 
 from fwd.config import mask
-from fwd.testing import DaemonProcess, FakeUpstreamProcess, twistd_command
+from tests.support.processes import DaemonProcess, FakeUpstreamProcess, twistd_command
+
+pytestmark = pytest.mark.slow
 
 HI = [{"role": "user", "content": "hi"}]
 

@@ -26,12 +26,13 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from fwd import config as configuration
-from fwd.config import short_hash
-from fwd.daemon import Drain, Reload
+from fwd.config import mask
+from fwd.daemon import serving_reloader
+from fwd.lifecycle import Drain, Reloader
 from fwd.metrics import Metrics
-from fwd.testing import DaemonProcess
-from tests.harness import MemoryProxy, make_config, split_response
-from tests.test_daemon import free_port, make_certificate
+from tests.support.memory import MemoryProxy, make_config, split_response
+from tests.support.network import free_port, make_certificate
+from tests.support.processes import DaemonProcess
 
 POOL_KEYS = ("sk-ops-pool-key-aaaa1111", "sk-ops-pool-key-bbbb2222")
 FORWARD_KEY = "fk-ops-forward-key-cccc3333"
@@ -202,7 +203,7 @@ def test_upstream_latency_and_ttfb_are_histograms_of_forwarded_requests_only():
 def test_gauges_show_running_streams_and_key_states_with_masked_keys():
     proxy = MemoryProxy(api_key=" ".join(POOL_KEYS), forward_key=FORWARD_KEY)
     proxy.upstream.key_status[POOL_KEYS[0]] = (401, None)
-    metrics = Metrics(lambda: {**proxy.forwarder.status(), "transcript_write_errors": 3})
+    metrics = Metrics(lambda: {**proxy.gateway.status(), "transcript_write_errors": 3})
     received, finished = start_stream(proxy, {"authorization": f"Bearer {FORWARD_KEY}", "x-fake-chunks": "3"})
     during = metrics.exposition()
     for _ in range(5):
@@ -243,7 +244,7 @@ def test_healthz_counts_keys_per_route_and_shows_no_secret():
 
 def test_healthz_says_draining_with_503_once_shutdown_begins():
     proxy = MemoryProxy()
-    proxy.forwarder.drain()
+    proxy.gateway.drain()
     status, body = fetch(proxy, "GET", "/healthz")
     assert (status, json.loads(body)["status"]) == (503, "draining")
 
@@ -255,7 +256,7 @@ def test_healthz_says_draining_with_503_once_shutdown_begins():
 def test_shutdown_waits_for_a_running_stream_to_finish(logged):
     proxy = MemoryProxy(grace_period="30")
     received, finished = start_stream(proxy, {"x-fake-chunks": "3"})
-    stopped = Drain(proxy.forwarder, proxy.site, proxy.clock).stopService()
+    stopped = Drain(proxy.gateway, proxy.site, proxy.clock).stopService()
     proxy.flush()
     assert not stopped.called, "the daemon does not stop while a stream runs"
     for _ in range(5):
@@ -269,7 +270,7 @@ def test_shutdown_waits_for_a_running_stream_to_finish(logged):
 def test_shutdown_cuts_what_still_runs_when_the_grace_period_ends(logged):
     proxy = MemoryProxy(grace_period="3")
     received, finished = start_stream(proxy, {"x-fake-chunks": "50"})
-    stopped = Drain(proxy.forwarder, proxy.site, proxy.clock).stopService()
+    stopped = Drain(proxy.gateway, proxy.site, proxy.clock).stopService()
     proxy.advance(2.9)
     assert not stopped.called
     proxy.advance(0.2)
@@ -278,8 +279,8 @@ def test_shutdown_cuts_what_still_runs_when_the_grace_period_ends(logged):
     assert b"[DONE]" not in b"".join(received)
 
 
-def reloadable(proxy: MemoryProxy, load) -> Reload:
-    return Reload(proxy.forwarder, proxy.site, load, proxy.clock)
+def reloadable(proxy: MemoryProxy, load) -> Reloader:
+    return serving_reloader(proxy.gateway, proxy.root, proxy.site, load)
 
 
 def test_reload_serves_new_requests_with_the_new_keys_and_forward_keys(logged):
@@ -304,7 +305,7 @@ def test_a_stream_running_across_a_reload_finishes_with_its_old_key():
     result(finished)
     assert b"".join(received).endswith(b"data: [DONE]\n\n")
     assert proxy.upstream.received[-1].key == "sk-old-pool-key-1111"
-    assert proxy.forwarder.status()["in_flight"] == 0
+    assert proxy.gateway.status()["in_flight"] == 0
 
 
 def test_a_bad_new_configuration_is_refused_and_the_running_one_stays(logged):
@@ -336,8 +337,8 @@ def test_settings_that_need_a_restart_keep_their_running_values_on_reload(logged
     proxy = MemoryProxy(port="tcp:8000", max_body_size="1M")
     new = make_config(port="tcp:9000", metrics_port="tcp:9100", max_body_size="10")
     reloadable(proxy, lambda: new).reload()
-    assert proxy.forwarder.config.ports == ("tcp:8000",)
-    assert proxy.forwarder.config.metrics_port is None
+    assert proxy.gateway.config.ports == ("tcp:8000",)
+    assert proxy.gateway.config.metrics_port is None
     assert any("ports, metrics_port change only on restart" in m for m in messages(logged, "fwd.startup"))
     transport = proxy.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 11\r\n\r\n12345678901")
     assert split_response(transport.value())[0] == 413, "MAX_BODY_SIZE applies at once"
@@ -348,7 +349,7 @@ def test_a_reload_does_not_bring_back_a_key_the_upstream_rejected():
     proxy.upstream.key_status[POOL_KEYS[0]] = (401, None)
     assert fetch(proxy, "GET", "/v1/models")[0] == 200
     reloadable(proxy, lambda: make_config(api_key=" ".join([*POOL_KEYS, "sk-ops-pool-key-dddd4444"]))).reload()
-    assert proxy.forwarder.routes[0].pool.health() == {"available": 2, "cooling": 0, "disabled": 1}
+    assert proxy.gateway.routes["/"].pool.health() == {"available": 2, "cooling": 0, "disabled": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -488,7 +489,7 @@ def test_every_request_has_an_access_log_line_without_query_or_keys(ops):
     assert (answered.status_code, refused.status_code, missing.status_code) == (200, 401, 404)
     assert access_lines(ops, "/openai/v1/models/gpt-4o") == [
         ("127.0.0.1", "GET", "/openai/v1/models/gpt-4o", "200", str(len(answered.content)), ANY_MS,
-         short_hash(FORWARD_KEY))
+         mask(FORWARD_KEY))
     ]
     assert access_lines(ops, "/openai/v1/models/whoami") == [
         ("127.0.0.1", "GET", "/openai/v1/models/whoami", "401", str(len(refused.content)), ANY_MS, "-")
@@ -720,4 +721,4 @@ def test_openai_forward_run_serves_with_the_seeds_command_line(upstream, tmp_pat
         proxy.stop()
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "echo: from the cli"
     assert used == pool and outside.status_code == 404
-    assert record["caller"] == short_hash(forward) and record["route"] == "/cli"
+    assert record["caller"] == mask(forward) and record["route"] == "/cli"

@@ -1,6 +1,7 @@
 """Tests for the incremental SSE parser: same events however the stream is chunked."""
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fwd.sse import Event, SSEParser
 

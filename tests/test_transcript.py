@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fwd.transcript import Transcript, transcript_kind
+from fwd.transcripts.assembly import Transcript, transcript_kind
 
 RECORD_KEYS = {
     "uid", "time", "client", "caller", "route", "path", "model", "stream", "request", "response", "usage",
@@ -299,7 +300,7 @@ def test_limit_bounds_a_plain_body():
     t.response_started(200, "application/json", 1)
     for _ in range(100):
         t.feed(b'{"choices": [' + b" " * 100)
-    assert len(t._body) == 64
+    assert len(t.body) == 64
     r = finish(t)
     assert r["truncated"] is True
     assert r["response"] is None
@@ -350,7 +351,8 @@ def test_response_started_without_a_status_is_ignored():
 
 # -- handing an exchange to the transcript writer process -------------------------------------------------
 
-from fwd.transcript import Ended, FrameReader, frame_line  # noqa: E402
+from fwd.transcripts.assembly import Ended  # noqa: E402
+from fwd.transcripts.frames import FrameReader, ended_frame, frame_line  # noqa: E402
 
 
 def _tool_stream():
@@ -396,21 +398,21 @@ def _ended(name, **make_args):
 def test_the_writer_builds_the_same_record_as_the_serving_process(name):
     limit = 4096 if name == "body past the limit" else 1_048_576
     here = _ended(name, limit=limit).record()
-    there = json.loads(frame_line(_ended(name, limit=limit).frame()))
+    there = json.loads(frame_line(ended_frame(_ended(name, limit=limit))))
     assert there == json.loads(json.dumps(here))
     assert set(there) == RECORD_KEYS
 
 
 def test_a_short_exchange_travels_as_its_raw_bytes_a_folded_one_as_its_record():
     short = _ended("stream with tool calls")
-    frame = short.frame()
+    frame = ended_frame(short)
     assert frame[0] == 1 and _tool_stream() in frame, "the capture: request and response bytes as relayed"
     folded = _ended("stream past the fold size")
-    assert folded.frame()[0] == 2, "a stream that was already folded here is finished here"
+    assert ended_frame(folded)[0] == 2, "a stream that was already folded here is finished here"
 
 
 def test_frames_survive_any_split_of_the_byte_stream():
-    frames = [_ended(name).frame() for name in ("plain", "upstream error", "no response")]
+    frames = [ended_frame(_ended(name)) for name in ("plain", "upstream error", "no response")]
     data = b"".join(frames)
     for cut in range(len(data) + 1):
         reader = FrameReader()

@@ -16,8 +16,10 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from fwd.config import short_hash
-from fwd.testing import DaemonProcess, twistd_command
+from fwd.config import mask
+from tests.support.processes import DaemonProcess, twistd_command
+
+pytestmark = pytest.mark.slow
 
 FIELDS = {
     "uid", "time", "client", "caller", "route", "path", "model", "stream", "request", "response", "usage",
@@ -444,7 +446,7 @@ def writer_pids(daemon_pid: int) -> list[int]:
                 command = f.read().split(b"\0")
         except OSError:
             continue
-        if parent == daemon_pid and b"fwd.chatlog" in command:
+        if parent == daemon_pid and b"fwd.transcripts.writer" in command:
             pids.append(int(entry))
     return pids
 
@@ -500,13 +502,13 @@ def test_caller_is_the_forward_keys_configured_name(upstream, tmp_path):
             assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == f"echo: {m}"
             assert upstream.received()[-1]["key"] == POOL_KEY
             callers[key] = wait_record(logs, mentions(m))["caller"]
-    assert callers == {FK_NAMED: "alice", FK_PLAIN: short_hash(FK_PLAIN)}
+    assert callers == {FK_NAMED: "alice", FK_PLAIN: mask(FK_PLAIN)}
     text = (logs / "chat.jsonl").read_text(encoding="utf-8")
     for secret in (FK_NAMED, FK_PLAIN, POOL_KEY):
         assert secret not in text
 
 
-def test_caller_is_a_short_hash_of_a_plain_forward_key(upstream, tmp_path):
+def test_caller_of_a_plain_forward_key_is_its_masked_form(upstream, tmp_path):
     env = {
         "OPENAI_BASE_URL": upstream.url,
         "OPENAI_API_KEY": POOL_KEY,
@@ -520,7 +522,7 @@ def test_caller_is_a_short_hash_of_a_plain_forward_key(upstream, tmp_path):
         sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": m}])
         record = wait_record(tmp_path, mentions(m))
         output = proxy.output
-    assert record["caller"] == short_hash(FK_PLAIN) and record["status"] == 200
+    assert record["caller"] == mask(FK_PLAIN) and record["status"] == 200
     text = (tmp_path / "chat.jsonl").read_text(encoding="utf-8")
     assert FK_PLAIN not in text and POOL_KEY not in text
     assert FK_PLAIN not in output and POOL_KEY not in output

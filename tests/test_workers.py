@@ -9,8 +9,11 @@ import time
 
 import httpx2 as httpx
 import openai
+import pytest
 
-from fwd.testing import DaemonProcess
+from tests.support.processes import DaemonProcess
+
+pytestmark = pytest.mark.slow
 
 
 def serving_pids(url: str, count: int = 40) -> set[int]:

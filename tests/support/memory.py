@@ -1,18 +1,19 @@
-"""An in-memory proxy for tests: ForwardSite + Forwarder over the fake upstream, all on one Clock."""
+"""An in-memory proxy for tests: the daemon's Site and Resource tree over the fake upstream, all on one Clock."""
 
 from __future__ import annotations
 
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent, _SynchronousProducer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
-from treq.client import HTTPClient
-from treq.testing import RequestTraversalAgent, _SynchronousProducer
 
 from fwd import config as configuration
-from fwd.forward import Forwarder
-from fwd.testing import FakeUpstream
-from fwd.web import ForwardSite
+from fwd.daemon import build_site
+from fwd.gateway import Gateway
+from fwd.resource import GatewayRoot
+from tests.support.upstream import FakeUpstream
 
 
 def make_config(**settings) -> configuration.Config:
@@ -29,8 +30,9 @@ class MemoryProxy:
         self.upstream = upstream if upstream is not None else FakeUpstream(reactor=self.clock)
         self.upstream_agent = RequestTraversalAgent(self.upstream)
         self.config = config if config is not None else make_config(**settings)
-        self.forwarder = Forwarder(self.config, self.upstream_agent, self.clock)
-        self.site = ForwardSite(self.forwarder)
+        self.gateway = Gateway(self.config, self.upstream_agent, self.clock)
+        self.root = GatewayRoot(self.gateway)
+        self.site = build_site(self.gateway, self.root)
         self.client_agent = RequestTraversalAgent(Resource())
         self.client_agent._serverFactory = self.site
         self.client = HTTPClient(self.client_agent, data_to_body_producer=_SynchronousProducer)

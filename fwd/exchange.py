@@ -1,0 +1,293 @@
+"""One forwarded request: its upstream attempts, the answer's head to the client, and how it ended.
+Tests: tests/test_forward.py
+
+The body is relayed by fwd.relay.Relay; which pool key each attempt uses, and what a refusal means for the
+key, is fwd.keys.KeyAttempts' business.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.logger import Logger
+from twisted.python import failure
+from twisted.web.client import ResponseDone, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from fwd import access, errors, keys
+from fwd.answers import send_error
+from fwd.body import BytesProducer, RequestBody, body_producer
+from fwd.headers import is_event_stream, response_headers, upstream_headers
+from fwd.relay import Collect, Discard, Relay, abort
+from fwd.transcripts.assembly import Ended, Transcript, transcript_kind
+from fwd.transcripts.events import emit
+
+log = Logger(namespace="fwd.exchange")
+
+REFUSAL_LIMIT = 64 * 1024
+# Transcript uids: random per process, then counted; unique across workers and restarts, and cheap.
+UID_PREFIX = os.urandom(6).hex()
+uid_counter = itertools.count()
+# What of a request body a transcript keeps: a record holds at most this much of anything.
+TRANSCRIPT_LIMIT = 1_048_576
+
+
+def describe_failure(reason) -> str:
+    """A short, secret-free phrase for why the upstream could not be reached."""
+    if reason.check(DNSLookupError):
+        return "DNS lookup failed"
+    if reason.check(ConnectError):
+        return reason.value.__class__.__name__.replace("Error", "").lower() or "connect failed"
+    if reason.check(ResponseNeverReceived):
+        return "connection closed before a response"
+    return reason.value.__class__.__name__
+
+
+class Exchange:
+    """One client request and its upstream attempts, from sending to the last byte relayed."""
+
+    def __init__(self, gateway, active, admission: access.Admission, request, mounted_at: int):
+        self.gateway = gateway
+        self.config = gateway.config
+        self.active = active
+        self.admission = admission
+        self.request = request
+        request.exchange = self
+        self.clock = gateway.clock
+        self.started = self.clock.seconds()
+        self.attempts = keys.KeyAttempts(active.pool, active.route.kind, admission.decision.use_pool)
+        self.pending: defer.Deferred | None = None
+        self.relay: Relay | None = None
+        self.client_gone = False
+        self.done = False
+        self.status = 0
+        self.sent = 0
+        self.stream = False
+        self.ttfb: float | None = None
+        self.transcript: Transcript | None = None
+        path = request.path
+        rest = b"/".join(path.split(b"/")[1 + mounted_at :])
+        _, question, query = request.uri.partition(b"?")
+        self.url = active.upstream_url(rest, query if question else None)
+        self.body = request.content
+        if self.body is not None:
+            self.body.seek(0, os.SEEK_END)
+        self.body_size = self.body.tell() if self.body is not None else 0
+        self.headers = upstream_headers(
+            request.requestHeaders.getAllRawHeaders(),
+            hop_prefix=gateway.hop_prefix,
+            host=active.host,
+            decision=admission.decision,
+            from_api_key=admission.from_api_key,
+            proxy_keys=bool(self.config.proxy_keys),
+        )
+        if gateway.log_chat and request.method == b"POST" and self._start_transcript():
+            self.headers = [(n, v) for n, v in self.headers if n != b"accept-encoding"]
+            self.headers.append((b"accept-encoding", [b"identity"]))
+
+    def _start_transcript(self) -> bool:
+        path = self.request.path.decode("latin-1")
+        kind = transcript_kind(path)
+        if kind is None:
+            return False
+        ctype = self.request.requestHeaders.getRawHeaders(b"content-type", [b""])[0].decode("latin-1")
+        body = self.body
+        if body is None:
+            start = b""
+        elif hasattr(body, "head"):
+            start = body.head(TRANSCRIPT_LIMIT)
+        else:
+            body.seek(0)
+            start = body.read(TRANSCRIPT_LIMIT)
+        self.transcript = Transcript(
+            kind=kind,
+            uid=f"{UID_PREFIX}{next(uid_counter):010x}",
+            time=time.time(),
+            client=self.admission.client,
+            caller=self.admission.caller,
+            route=self.active.route.name,
+            path=path,
+            request_body=start,
+            request_size=self.body_size,
+            request_content_type=ctype or None,
+        )
+        return True
+
+    def start(self) -> None:
+        self.gateway.exchange_started()
+        self._attempt()
+
+    def _attempt(self) -> None:
+        outcome = self.attempts.next(self.headers)
+        if isinstance(outcome, errors.ProxyError):
+            return self._fail(outcome)
+        method = self.request.method
+        producer = None
+        if self.body_size or method in (b"POST", b"PUT", b"PATCH"):
+            producer = body_producer(self.body, self.body_size) if self.body is not None else BytesProducer(b"")
+        d = self.gateway.agent.request(method, self.url, Headers(dict(outcome)), producer)
+        d.addTimeout(self.config.timeout, self.clock, onTimeoutCancel=self._timed_out)
+        self.pending = d
+        d.addCallbacks(self._response, self._request_failed)
+        d.addErrback(self._unexpected)
+
+    @staticmethod
+    def _timed_out(result, timeout):
+        return failure.Failure(defer.TimeoutError(f"no response headers within {timeout} s"))
+
+    def _response(self, response) -> None:
+        self.pending = None
+        if self.client_gone:
+            response.deliverBody(Discard())
+            return
+        status = response.code
+        if self.attempts.key is not None:
+            if status in keys.RETRY_STATUSES:
+                # Read the (small) refusal before judging the key: quota, revocation and region differ.
+                collect = Collect(REFUSAL_LIMIT)
+                response.deliverBody(collect)
+                collect.done.addCallback(lambda body: self._refused(response, body)).addErrback(self._unexpected)
+                return
+            if status < 400:
+                self.attempts.succeeded()
+        self._start_response(response)
+        self.relay = Relay(self)
+        response.deliverBody(self.relay)
+
+    def _refused(self, response, body: bytes) -> None:
+        """A pool key was refused: rest or reject it and replay on the next key, or pass the answer on."""
+        if self.client_gone:
+            self._end(partial=True, error="client disconnected")
+            return
+        retry_after = keys.retry_after_seconds(response.headers.getRawHeaders(b"retry-after"), time.time())
+        if self.attempts.refused(response.code, body, retry_after) == "replay":
+            self._attempt()
+            return
+        self._start_response(response)
+        self.request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        self.request.write(body)
+        self.sent = len(body)
+        if self.transcript is not None:
+            self.transcript.feed(body)
+        self.request.finish()
+        self._end(partial=False, error=None)
+
+    def _start_response(self, response) -> None:
+        """Send the upstream's status and end-to-end headers to the client."""
+        status = response.code
+        self.ttfb = self.clock.seconds()
+        self.status = status
+        request = self.request
+        request.setResponseCode(status, response.phrase)
+        out = request.responseHeaders
+        for name, values in response_headers(response.headers.getAllRawHeaders()):
+            out.setRawHeaders(name, values)
+        content_type = response.headers.getRawHeaders(b"content-type")
+        stream = is_event_stream(content_type)
+        if stream:
+            out.setRawHeaders(b"x-accel-buffering", [b"no"])
+            self.stream = True
+            self.gateway.streams += 1
+        elif response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+            out.setRawHeaders(b"content-length", [b"%d" % response.length])
+        if self.transcript is not None:
+            self.transcript.response_started(
+                status,
+                content_type[0].decode("latin-1") if content_type else None,
+                (self.ttfb - self.started) * 1000,
+                stream,
+            )
+
+    def _request_failed(self, reason) -> None:
+        self.pending = None
+        if self.client_gone:
+            return
+        base = self.active.route.base_url
+        if reason.check(defer.TimeoutError):
+            error = errors.upstream_timeout(base, self.config.timeout)
+        else:
+            error = errors.upstream_unreachable(base, describe_failure(reason))
+        log.warn("upstream {url} failed: {why}", url=base, why=error.message)
+        self._fail(error)
+
+    def _unexpected(self, reason) -> None:
+        # The class only: an exception's text may quote the request (its target, a header, a key).
+        log.error("forwarding failed: {problem}", problem=reason.type.__name__)
+        if not self.client_gone:
+            self._fail(errors.internal())
+
+    def _fail(self, error: errors.ProxyError) -> None:
+        self.status = error.status
+        send_error(self.request, error)
+        self._end(partial=False, error=error.message, body=error.body())
+
+    def client_lost(self, reason) -> None:
+        """The client went away (its notifyFinish errback): stop the upstream side at once."""
+        self.client_gone = True
+        self.request.gone = True
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.cancel()
+            self._end(partial=True, error="client disconnected")
+        elif self.relay is not None:
+            self.relay.stop()
+
+    def body_done(self, reason) -> None:
+        """The upstream body ended: finish cleanly, or make the client see a broken stream."""
+        request = self.request
+        if not self.client_gone:
+            request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            if not self.client_gone and not request.finished:
+                request.finish()
+            self._end(partial=self.client_gone, error="client disconnected" if self.client_gone else None)
+            return
+        if self.client_gone:
+            self._end(partial=True, error="client disconnected")
+            return
+        why = "upstream went silent" if self.relay is not None and self.relay.timed_out else "upstream connection lost"
+        log.warn("{why} mid-body on {url}; aborting the client connection", why=why, url=self.active.route.base_url)
+        abort(request)
+        self._end(partial=True, error=why)
+
+    def _end(self, *, partial: bool, error: str | None, body: bytes | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        gateway = self.gateway
+        if self.stream:
+            gateway.streams -= 1
+        now = self.clock.seconds()
+        if self.transcript is not None:
+            transcript = self.transcript
+            if self.ttfb is None:
+                transcript.response_started(self.status, "application/json", (now - self.started) * 1000)
+                if body:
+                    transcript.feed(body)
+            try:
+                emit(Ended(transcript, partial=partial, error=error, latency_ms=(now - self.started) * 1000))
+            except Exception as e:
+                log.error("a transcript could not be sent: {problem}", problem=type(e).__name__)
+        request = self.request
+        gateway.access.emit(
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            client=self.admission.client,
+            status=self.status if self.status and not (partial and self.client_gone) else 499,
+            sent=self.sent,
+            started=self.started,
+            now=now,
+            caller=self.admission.caller,
+            route=self.active.route.name,
+            ttfb=self.ttfb,
+            upstream=True,
+        )
+        if isinstance(self.body, RequestBody):
+            self.body.close()
+        gateway.exchange_ended()

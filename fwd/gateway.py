@@ -1,0 +1,172 @@
+"""What every request shares: the configuration, the routes with their key pools, the upstream agent, and the
+counts a graceful shutdown waits on.  Tests: tests/test_forward.py, tests/test_operations.py"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.internet import defer
+
+from fwd import access, errors
+from fwd.answers import AccessLog
+from fwd.config import Config, Route
+from fwd.keys import KeyPool
+
+
+def host_header(base_url: str) -> bytes:
+    """The Host an upstream expects: its host name, and its port unless that is the scheme's default."""
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    name = host.encode() if host.isascii() else host.encode("idna")
+    if b":" in name:
+        name = b"[" + name + b"]"
+    port = parts.port
+    if port is None or (parts.scheme, port) in (("http", 80), ("https", 443)):
+        return name
+    return b"%s:%d" % (name, port)
+
+
+@attrs.define
+class ActiveRoute:
+    """A configured route with what it needs at run time: its key pool and forward-key table."""
+
+    route: Route
+    pool: KeyPool
+    table: access.ForwardKeyTable
+    base: bytes
+    host: bytes
+
+    @classmethod
+    def build(cls, route: Route, clock) -> ActiveRoute:
+        return cls(
+            route=route,
+            pool=KeyPool(route.api_keys, clock),
+            table=access.ForwardKeyTable(route.forward_keys),
+            base=route.base_url.encode(),
+            host=host_header(route.base_url),
+        )
+
+    def upstream_url(self, rest: bytes, query: bytes | None) -> bytes:
+        """The upstream URL of a request whose path below the route's mount point is `rest`."""
+        url = self.base + b"/" + rest
+        return url if query is None else url + b"?" + query
+
+
+class Gateway:
+    """The daemon's shared state; each request reaches it through the Resource tree (see fwd.resource)."""
+
+    @classmethod
+    def connected(cls, config: Config, reactor) -> Gateway:
+        """A gateway with its own upstream connections, for a twisted.web Site of your own (README,
+        "Embedding"); `close()` closes them."""
+        from fwd.upstream import UpstreamConnections, upstream_agent
+
+        connections = UpstreamConnections(reactor)
+        gateway = cls(config, upstream_agent(reactor, config.timeout, connections), reactor)
+        gateway.connections = connections
+        return gateway
+
+    connections = None
+
+    def close(self) -> defer.Deferred:
+        """Close the upstream connections a `connected` gateway opened."""
+        if self.connections is None:
+            return defer.succeed(None)
+        return self.connections.pool.closeCachedConnections()
+
+    def __init__(self, config: Config, agent, clock, log_chat: bool | None = None):
+        """`agent` sends the upstream requests (see fwd.upstream); `clock` is the reactor, or a Clock in tests;
+        `log_chat` overrides the configuration's LOG_CHAT (a worker whose supervisor writes transcripts)."""
+        self.agent = agent
+        self.clock = clock
+        self.log_chat_override = log_chat
+        self.in_flight = 0
+        self.streams = 0
+        self.draining = False
+        self._idle_waiters: list[defer.Deferred] = []
+        self.routes: dict[str, ActiveRoute] = {}
+        self.access = AccessLog(clock, lambda: self.config.trusted_proxies)
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Serve new requests with this configuration; running exchanges keep theirs, pools keep key states."""
+        old = {key: state for active in self.routes.values() for key, state in active.pool.states_by_key().items()}
+        self.config = config
+        routes = {route.name: ActiveRoute.build(route, self.clock) for route in config.routes}
+        for active in routes.values():
+            active.pool.adopt(old)
+        self.routes = routes
+        self.hop_prefix = config.hop_header_prefix.encode()
+        self.log_chat = config.log_chat if self.log_chat_override is None else self.log_chat_override
+
+    def route(self, name: str) -> ActiveRoute | None:
+        """The live route named `name` (its prefix, or "/"), or None when a reload removed it."""
+        return self.routes.get(name)
+
+    def judge(self, request, active: ActiveRoute) -> access.Admission | errors.ProxyError:
+        """Judge a request's head for a route: path, client address, IP lists and credentials."""
+        config = self.config
+        peer = getattr(request.getClientAddress(), "host", "unix")
+        return access.judge(
+            active.route,
+            active.table,
+            path=request.path,
+            peer=peer,
+            headers=request.requestHeaders,
+            proxy_keys=config.proxy_keys,
+            trusted_proxies=config.trusted_proxies,
+            ip_whitelist=config.ip_whitelist,
+            ip_blacklist=config.ip_blacklist,
+        )
+
+    def refuses_client(self, request) -> errors.ProxyError | None:
+        """The IP lists' refusal of this client, or None."""
+        config = self.config
+        if not (config.ip_whitelist or config.ip_blacklist):
+            return None
+        client = self.access.client(request)
+        if access.ip_allowed(client, config.ip_whitelist, config.ip_blacklist):
+            return None
+        return errors.ip_denied(client)
+
+    def status(self) -> dict:
+        """What the daemon is doing now, for /healthz and metrics; never a key."""
+        return {
+            "in_flight": self.in_flight,
+            "streams": self.streams,
+            "keys": [(a.route.name, masked, state) for a in self.routes.values() for masked, state in a.pool.states()],
+        }
+
+    def health(self) -> dict:
+        """/healthz: whether the daemon serves, and each route's upstream and key counts (never a key)."""
+        return {
+            "status": "draining" if self.draining else "ok",
+            "pid": os.getpid(),
+            "in_flight": self.in_flight,
+            "streams": self.streams,
+            "routes": [
+                {"prefix": a.route.name, "base_url": a.route.base_url, "kind": a.route.kind, "keys": a.pool.health()}
+                for a in self.routes.values()
+            ],
+        }
+
+    def exchange_started(self) -> None:
+        self.in_flight += 1
+
+    def exchange_ended(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def drain(self) -> defer.Deferred:
+        """Fires once no request is in flight; /healthz says "draining" from now on."""
+        self.draining = True
+        if not self.in_flight:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter

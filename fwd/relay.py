@@ -1,0 +1,112 @@
+"""Relaying an upstream response body to the client as it arrives, with the client's backpressure.
+Tests: tests/test_forward.py"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IWriteDescriptor
+from twisted.internet.protocol import Protocol
+from twisted.web.http import HTTPChannel
+
+
+def abort(request) -> None:
+    """Break the client's connection so a truncated answer never looks complete."""
+    channel = request.channel
+    if channel is None:
+        return
+    abort_stream = getattr(channel, "abortConnection", None)
+    if abort_stream is not None:
+        abort_stream()
+    elif channel.transport is not None:
+        transport = channel.transport
+        if IWriteDescriptor.providedBy(transport):
+            # Hand the kernel what was already relayed: a reset discards anything still in our buffer,
+            # and the client should see the partial answer, then the break.
+            transport.doWrite()
+        transport.abortConnection()
+
+
+class Discard(Protocol):
+    """Reads and drops a response body so its connection can go back to the pool."""
+
+    def connectionLost(self, reason):
+        pass
+
+
+class Collect(Protocol):
+    """Reads a short response body (an error) into memory, keeping at most `limit` bytes of it."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.done = defer.Deferred()
+
+    def dataReceived(self, data):
+        if self.size < self.limit:
+            self.parts.append(data[: self.limit - self.size])
+        self.size += len(data)
+
+    def connectionLost(self, reason):
+        self.done.callback(b"".join(self.parts))
+
+
+class Relay(Protocol):
+    """Streams an upstream response body to the client as it arrives: the upstream transport is the client
+    request's producer, so a client that reads slowly pauses the upstream instead of filling memory."""
+
+    def __init__(self, exchange):
+        self.exchange = exchange
+        self.request = exchange.request
+        self.transcript = exchange.transcript
+        self.timed_out = False
+        self.idle = None
+        self.send = self._first_write
+
+    def connectionMade(self):
+        exchange = self.exchange
+        if exchange.client_gone:
+            self.transport.stopProducing()
+            return
+        self.request.registerProducer(self.transport, True)
+        self.idle_timeout = exchange.config.idle_timeout
+        self.idle = exchange.clock.callLater(self.idle_timeout, self._silent)
+
+    def dataReceived(self, data):
+        exchange = self.exchange
+        if exchange.client_gone:
+            return
+        self.send(data)
+        exchange.sent += len(data)
+        if self.transcript is not None:
+            self.transcript.feed(data)
+        self.idle.reset(self.idle_timeout)
+
+    def _first_write(self, data: bytes) -> None:
+        """The first write sends the headers; later ones can skip twisted.web's per-write bookkeeping."""
+        request = self.request
+        request.write(data)
+        channel = request.channel
+        if not isinstance(channel, HTTPChannel) or request.method == b"HEAD" or channel.transport is None:
+            self.send = request.write
+        elif request.chunked:
+            write = channel.transport.write
+            self.send = lambda data: write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.send = channel.transport.write
+
+    def connectionLost(self, reason):
+        if self.idle is not None and self.idle.active():
+            self.idle.cancel()
+        self.exchange.body_done(reason)
+
+    def _silent(self):
+        self.timed_out = True
+        self.stop()
+
+    def stop(self):
+        """Stop reading the upstream body and close its connection."""
+        if self.idle is not None and self.idle.active():
+            self.idle.cancel()
+        if self.transport is not None:
+            self.transport.stopProducing()

@@ -1,0 +1,176 @@
+"""The Resource tree: `/healthz`, and each route's prefix with a ForwardResource leaf.  Tests: tests/test_resource.py
+
+`ForwardResource` is the public forwarding leaf: mount it anywhere in a twisted.web tree and it forwards every
+request below its mount point to its route's upstream (see the README's "Embedding" section).  Under the
+daemon's own Site (fwd.site) each resource also judges the request's head before the body is read
+(`judge_head`); under any other Site the leaf judges the whole request when it renders.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from fwd import access, errors
+from fwd.answers import JSON, send_error
+from fwd.exchange import Exchange
+from fwd.gateway import Gateway
+
+
+class ForwardResource(Resource):
+    """Forwards every request below where it is mounted to one route's upstream, streaming the answer back.
+
+    `route` names the gateway's route to serve (its prefix, or "/"); by default the gateway's only route.
+    The route is looked up per request, so a reload (SIGHUP) that changes its keys applies at once.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway, route: str | None = None):
+        super().__init__()
+        if route is None:
+            if len(gateway.routes) != 1:
+                raise ValueError("name the route to serve: the gateway has several")
+            route = next(iter(gateway.routes))
+        self.gateway = gateway
+        self.route_name = route
+
+    def judge_head(self, request) -> errors.ProxyError | None:
+        """Judge the request as soon as its head has arrived (the daemon's Site calls this)."""
+        active = self.gateway.route(self.route_name)
+        if active is None:
+            return errors.not_found(request.path.decode("latin-1"))
+        outcome = self.gateway.judge(request, active)
+        if isinstance(outcome, errors.ProxyError):
+            return outcome
+        request.admission = (active, outcome)
+        return None
+
+    def render(self, request):
+        if getattr(request, "admission", None) is None:
+            refusal = self.judge_head(request)
+            if refusal is not None:
+                send_error(request, refusal)
+                return NOT_DONE_YET
+        active, admission = request.admission
+        refusal = self._model_refusal(request, admission)
+        if refusal is not None:
+            send_error(request, refusal)
+            return NOT_DONE_YET
+        exchange = Exchange(self.gateway, active, admission, request, mounted_at=len(request.prepath))
+        request.notifyFinish().addErrback(exchange.client_lost)
+        exchange.start()
+        return NOT_DONE_YET
+
+
+    @staticmethod
+    def _model_refusal(request, admission) -> errors.ProxyError | None:
+        forward_key = admission.decision.forward_key
+        if forward_key is None or forward_key.models is None:
+            return None
+        content = request.content
+        content.seek(0)
+        body = content.read()
+        ctype = request.requestHeaders.getRawHeaders(b"content-type", [None])[0]
+        model = access.request_model(body, ctype, request.path.decode("latin-1"))
+        # Reading (listing models, fetching a file) names no model and uses none; anything else must.
+        if not forward_key.allows(model) and not (model is None and request.method in (b"GET", b"HEAD")):
+            return errors.model_denied(model)
+        return None
+
+
+class HealthResource(Resource):
+    """`/healthz`: answered by the daemon itself, to clients its IP lists admit."""
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway):
+        super().__init__()
+        self.gateway = gateway
+
+    def judge_head(self, request) -> errors.ProxyError | None:
+        return self.gateway.refuses_client(request)
+
+    def render(self, request):
+        refusal = self.judge_head(request)
+        if refusal is not None:
+            send_error(request, refusal)
+            return NOT_DONE_YET
+        gateway = self.gateway
+        request.setResponseCode(503 if gateway.draining else 200)
+        request.responseHeaders.setRawHeaders(b"content-type", JSON)
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+        return json.dumps(gateway.health()).encode()
+
+
+class NotFound(Resource):
+    """What no route serves: a JSON 404, judged from the head alone."""
+
+    isLeaf = True
+
+    def judge_head(self, request) -> errors.ProxyError:
+        return errors.not_found(request.path.decode("latin-1"))
+
+    def render(self, request):
+        send_error(request, self.judge_head(request))
+        return NOT_DONE_YET
+
+
+NOT_FOUND = NotFound()
+
+
+class PrefixNode(Resource):
+    """One path segment of the tree: named children, and the route served at this point (if any) for
+    everything else below it."""
+
+    def __init__(self):
+        super().__init__()
+        self.served: Resource | None = None
+
+    def getChild(self, name, request):
+        if self.served is None:
+            return NOT_FOUND
+        # The segment belongs to the path the route forwards: give it back.
+        request.postpath.insert(0, request.prepath.pop())
+        return self.served
+
+    def judge_head(self, request) -> errors.ProxyError | None:
+        """A request for exactly this node's path: its route's judgement, or 404."""
+        if self.served is None:
+            return errors.not_found(request.path.decode("latin-1"))
+        return self.served.judge_head(request)
+
+    def render(self, request):
+        if self.served is None:
+            return NOT_FOUND.render(request)
+        return self.served.render(request)
+
+
+class GatewayRoot(PrefixNode):
+    """The daemon's root: `/healthz`, then each route at its prefix (the longest prefix wins)."""
+
+    def __init__(self, gateway: Gateway):
+        super().__init__()
+        self.gateway = gateway
+        self.health = HealthResource(gateway)
+        self.mount()
+
+    def mount(self) -> None:
+        """(Re)build the tree from the gateway's routes, e.g. after a reload."""
+        self.children = {}
+        self.served = None
+        for name, active in self.gateway.routes.items():
+            node: PrefixNode = self
+            for segment in active.route.prefix.encode().split(b"/")[1:]:
+                child = node.children.get(segment)
+                if child is None:
+                    child = node.children[segment] = PrefixNode()
+                node = child
+            node.served = ForwardResource(self.gateway, name)
+
+    def getChildWithDefault(self, name, request):
+        if name == b"healthz" and not request.postpath:
+            return self.health
+        return super().getChildWithDefault(name, request)

@@ -1,0 +1,302 @@
+"""What the daemon's Site adds around the Resource tree: a request's head judged before its body is read,
+bodies bounded and spooled, strict HTTP/1.1 framing, and a deadline for every byte.  Tests: tests/test_site.py
+
+`ForwardRequest` finds the request's resource as soon as its head has arrived (route, path, IP lists and
+credentials are judged then, by the resource's `judge_head`): a refused request gets its JSON answer and its
+body is never stored.  An admitted body goes into a RequestBody (memory, then one temporary file), must keep
+moving (BODY_TIMEOUT seconds of silence at most) and may not pass MAX_BODY_SIZE (413).
+
+`ForwardChannel` is twisted.web's HTTP/1.1 parser made strict where a lenient parser lets requests be smuggled
+past a front proxy (obs-fold, any Transfer-Encoding but a lone `chunked`, Transfer-Encoding on HTTP/1.0,
+control characters), and guarded against slow clients: a connection idle for CONNECTION_IDLE_SECONDS is closed,
+and a request head not complete HEADER_TIMEOUT_SECONDS after its first byte gets a 408.  While a request is
+being answered twisted.web suspends the idle timeout, so running streams are never cut by either.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from urllib.parse import unquote_to_bytes
+
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
+
+from fwd import answers, errors, http2, private
+from fwd.body import RequestBody
+
+log = Logger(namespace="fwd.site")
+
+# A connection with no request running and no byte received for this long is closed (twisted.web's own
+# default is 12 hours).  Above the keep-alive expiry of common clients, like nginx's keepalive_timeout.
+CONNECTION_IDLE_SECONDS = 75
+# A request head (request line and headers) must be complete this long after its first byte arrived.
+HEADER_TIMEOUT_SECONDS = 20
+
+# RFC 9110 5.6.2: a method is a token.
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# What an upstream agent accepts in a target: printable ASCII, no space.
+_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
+
+
+def bad_head(method: bytes | None, target: bytes | None) -> errors.ProxyError | None:
+    """Why a request line cannot be served, or None: a method that is not a token, a target with bytes an
+    HTTP target may not hold, or a target that is not a path (absolute-form, authority-form, `*`)."""
+    if not method or not _METHOD.match(method):
+        return errors.bad_request("The request method is not a valid HTTP token.")
+    if not target or not _TARGET.match(target):
+        return errors.bad_request("The request target has bytes an HTTP target may not hold; percent-encode them.")
+    if target[:1] != b"/":
+        return errors.not_found("a target that is not a path")
+    return None
+
+
+class ForwardRequest(Request):
+    """A request judged by its resource when its head arrives; its body bounded, spooled and timed."""
+
+    defaultContentType = None
+    refusal: errors.ProxyError | None = None
+    answered_early = False
+    head_resource = None
+    admission = None
+    received = 0
+    body_deadline = None
+    exchange = None
+
+    def gotLength(self, length):
+        """The head is complete: find the resource, let it judge the head, and decide where the body goes."""
+        site = self.channel.site
+        head = http2.request_line(self.channel)
+        method, target, version = head if head is not None else (None, None, None)
+        refusal = bad_head(method, target)
+        if refusal is None:
+            self.method, self.uri, self.clientproto = method, target, version
+            self.path = target.split(b"?", 1)[0]
+            self.prepath = []
+            self.postpath = [unquote_to_bytes(segment) for segment in self.path[1:].split(b"/")]
+            resource = site.getResourceFor(self)
+            self.head_resource = resource
+            judge = getattr(resource, "judge_head", None)
+            if judge is not None:
+                refusal = judge(self)
+        if refusal is None and length is not None and length > site.max_body_size:
+            refusal = errors.body_too_large(site.max_body_size)
+        self.content = None
+        if refusal is not None:
+            self.refuse(refusal, body_follows=length != 0)
+        else:
+            self.content = RequestBody()
+        if length != 0 and (refusal is None or not isinstance(self.channel, HTTPChannel)):
+            self.body_deadline = site.clock.callLater(site.body_timeout, self._body_stalled)
+
+    def handleContentChunk(self, data):
+        content = self.content
+        if content is None:
+            return  # refused: the body is discarded as it arrives, never kept
+        self.received += len(data)
+        site = self.channel.site
+        if self.received > site.max_body_size:
+            self._stop_body_deadline()
+            content.close()
+            self.content = None
+            self.refuse(errors.body_too_large(site.max_body_size), body_follows=True)
+            return
+        content.write(data)
+        if self.body_deadline is not None:
+            self.body_deadline.reset(site.body_timeout)
+
+    def _body_stalled(self):
+        """The body stopped moving: answer 408 (or the refusal it was waiting to give) and end the connection
+        (or the HTTP/2 stream)."""
+        self.body_deadline = None
+        if self.content is not None:
+            self.content.close()
+            self.content = None
+        error = self.refusal or errors.body_timeout(self.channel.site.body_timeout)
+        self.refusal = None
+        self.refuse(error, body_follows=True, now=True)
+
+    def _stop_body_deadline(self):
+        if self.body_deadline is not None:
+            if self.body_deadline.active():
+                self.body_deadline.cancel()
+            self.body_deadline = None
+
+    def refuse(self, error: errors.ProxyError, body_follows: bool, now: bool = False) -> None:
+        """Answer `error` without reading the body.  Over HTTP/1.1 a body still on its way is not worth
+        reading: the answer goes out at once and the connection closes.  Over HTTP/2 the stream is answered
+        when it ends (its DATA is discarded meanwhile), or at once and reset when `now`."""
+        if self.refusal is not None:
+            return
+        self.refusal = error
+        # No "100 Continue" for a request refused before its body: twisted.web would send one after the head.
+        self.requestHeaders.removeHeader(b"expect")
+        if not body_follows:
+            return  # answered when the (empty) request is processed
+        channel = self.channel
+        site = channel.site
+        if isinstance(channel, HTTPChannel):
+            self.method = self.method or b"-"
+            answers.write_raw_error(channel.transport, error)
+            self.answered_early = True
+            channel.transport.pauseProducing()
+            channel.transport.loseConnection()
+            self.code = error.status
+            self.sentLength = len(error.body())
+            site.log(self)
+        elif now:
+            answers.send_error(self, error)
+            channel.abortConnection()
+
+    def requestReceived(self, command, path, version):
+        self._stop_body_deadline()
+        if self.answered_early:
+            return  # answered already, and the connection is closing
+        if self.content is None:
+            self.content = RequestBody()
+        super().requestReceived(command, path, version)
+
+    def process(self):
+        self.site = site = self.channel.site
+        self.started = site.clock.seconds()
+        if self.refusal is not None:
+            return answers.send_error(self, self.refusal)
+        try:
+            self.render(self.head_resource)
+        except Exception:
+            # Never the exception's text: it may quote the target or a header, and so a key.
+            log.error("a request failed in {resource}", resource=type(self.head_resource).__name__)
+            answers.send_error(self, errors.internal())
+
+    def connectionLost(self, reason):
+        self._stop_body_deadline()
+        super().connectionLost(reason)
+        if self.content is not None and self.exchange is None:
+            self.content.close()
+
+
+class ForwardChannel(HTTPChannel):
+    """twisted.web's HTTP/1.1 channel, strict about message framing and with a deadline for request heads."""
+
+    header_timeout: float = HEADER_TIMEOUT_SECONDS
+    head_line: tuple[bytes, bytes, bytes] | None = None
+    _head_deadline = None
+    _in_head = False
+    _busy = False
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.site.transports.add(self.transport)
+
+    def dataReceived(self, data):
+        if data and self.line_mode and not self._busy:
+            self._start_head_deadline()
+        super().dataReceived(data)
+
+    def lineReceived(self, line):
+        if not self._in_head:
+            if line:
+                self._in_head = True
+                self._start_head_deadline()
+                parts = line.split(b" ")
+                self.head_line = (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
+        elif line[:1] in (b" ", b"\t"):
+            # obs-fold: a header continued on the next line; RFC 9112 5.2 lets a server reject it, and a
+            # proxy must, as the hop in front of it may have read the headers differently.
+            return self._respondToBadRequestAndDisconnect()
+        super().lineReceived(line)
+
+    def headerReceived(self, line):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"transfer-encoding" and (
+            value.strip(b" \t").lower() != b"chunked" or self.head_line is None or self.head_line[2] != b"HTTP/1.1"
+        ):
+            # Only a lone `chunked` on HTTP/1.1 frames a body the same way for every hop (RFC 9112 6.1).
+            self._respondToBadRequestAndDisconnect()
+            return False
+        if http2.has_control_characters(value):
+            # Control characters are not field content (RFC 9110 5.5); forwarded, they trip up upstreams.
+            self._respondToBadRequestAndDisconnect()
+            return False
+        return super().headerReceived(line)
+
+    def allHeadersReceived(self):
+        self._in_head = False
+        self._cancel_head_deadline()
+        super().allHeadersReceived()
+
+    def allContentReceived(self):
+        self._busy = True
+        super().allContentReceived()
+
+    def requestDone(self, request):
+        self._busy = False
+        super().requestDone(request)
+
+    def _start_head_deadline(self):
+        if self._head_deadline is None and not self._busy and self.transport is not None:
+            self._head_deadline = self.callLater(self.header_timeout, self._head_timed_out)
+
+    def _head_timed_out(self):
+        self._head_deadline = None
+        if self._busy or not self.line_mode:
+            return
+        self._answer_and_close(errors.head_timeout(self.header_timeout))
+
+    def _cancel_head_deadline(self):
+        if self._head_deadline is not None:
+            if self._head_deadline.active():
+                self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _respondToBadRequestAndDisconnect(self):
+        self._answer_and_close(errors.bad_http_request())
+
+    def _answer_and_close(self, error: errors.ProxyError) -> None:
+        """Answer a request that never became a Request (it could not be framed, or its head never ended)."""
+        self._cancel_head_deadline()
+        if self.transport is None:
+            return
+        answers.write_raw_error(self.transport, error)
+        self.site.log_unframed(self, error.status)
+        self.timeoutConnection() if error.status == 408 else self.loseConnection()
+
+    def connectionLost(self, reason):
+        self._cancel_head_deadline()
+        super().connectionLost(reason)
+
+
+class ForwardSite(Site):
+    """The client-facing HTTP factory over the gateway's Resource tree."""
+
+    requestFactory = ForwardRequest
+    displayTracebacks = False
+
+    def __init__(self, resource, *, clock, max_body_size: int, body_timeout: float, access, **kwargs):
+        """`access` access-logs what the site answers itself (see fwd.answers.AccessLog)."""
+        kwargs.setdefault("timeout", CONNECTION_IDLE_SECONDS)
+        super().__init__(resource, reactor=clock, **kwargs)
+        self.clock = clock
+        self.max_body_size = max_body_size
+        self.body_timeout = body_timeout
+        self.access = access
+        self.transports: weakref.WeakSet = weakref.WeakSet()
+
+    def protocol(self):
+        return http2.GenericChannel(ForwardChannel())
+
+    def open_connections(self) -> list:
+        """Client connections still open, for a graceful shutdown."""
+        # Socket transports say `connected`; in-memory test transports only `disconnected`.
+        return [t for t in self.transports if getattr(t, "connected", not getattr(t, "disconnected", True))]
+
+    def log(self, request):
+        """Access-log what was answered without an exchange; forwarded requests are logged when theirs ends."""
+        if request.exchange is not None:
+            return
+        self.access.answered(request)
+
+    def log_unframed(self, channel, status: int) -> None:
+        """Access-log a request that could not even be framed: no method, no path, just the peer."""
+        self.access.unframed(channel.transport, status)
