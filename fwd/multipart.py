@@ -19,10 +19,10 @@ every shape that some server might read another way:
   hold anything but the boundary.
 - Part headers: CRLF line ends only (no bare CR or LF), no obs-fold, token names right before ":", no control
   characters, no header twice, at most 32 lines and 16 KiB (1 MiB for all parts).  The disposition is
-  `form-data; name=...` first, then `filename` and `filename*` at most, with no ";" inside a value and no
-  RFC 2047 encoded-word in the name; RFC 2231 `name*` is refused, `filename*` is decoded.  A part's
-  `Content-Length`, when sent (OkHttp and treq send it), must match; nested multipart parts and a `_charset_`
-  field are refused.
+  `form-data; name=...` first, then `filename` and `filename*` at most, with no ";" inside a value, and a name
+  neither empty nor holding an RFC 2047 encoded-word; RFC 2231 `name*` is refused, `filename*` is decoded.
+  A part's `Content-Length`, when sent (OkHttp and treq send it), must match; nested multipart parts and a
+  `_charset_` field are refused.
 - Reading a field (`form_fields`, `form_part`, `field`): a name matches as the most forgiving server matches it
   (percent-decoded, NFKC, case-folded, before any "[", trimmed), so `Model`, `model[]`, `%6Dodel` or `ｍodel`
   beside or instead of `model` is refused.  A part read by `form_part` must not be transfer-encoded or have an
@@ -88,7 +88,7 @@ class ContentType:
 
 @attrs.frozen
 class Part:
-    """One part of a form: its field name, its filename (None for a plain field), headers, and where its content lies."""
+    """One part of a form: field name, filename (None for a plain field), headers, and where its content lies."""
 
     name: str
     filename: str | None
@@ -150,7 +150,7 @@ def _parameters(text: str, head: re.Pattern[str], what: str) -> _Parameters:
 
 
 def parse_content_type(value: bytes) -> ContentType:
-    """A Content-Type value read per RFC 9110: spaces around "=" tolerated, quoted-pairs unescaped, duplicates refused."""
+    """A Content-Type read per RFC 9110: spaces around "=" tolerated, quoted-pairs unescaped, duplicates refused."""
     parsed = _parameters(value.decode("latin-1"), _MEDIA_TYPE, "Content-Type")
     return ContentType(parsed.media, dict(parsed.pairs))
 
@@ -300,6 +300,8 @@ def _disposition(value: str) -> tuple[str, str | None]:
         name = params["name"].encode("latin-1").decode("utf-8")
     except UnicodeDecodeError:
         raise MultipartError("A field name is not UTF-8.") from None
+    if not name:
+        raise MultipartError("A part has an empty name.")  # Go skips such a part, busboy gives it no name.
     if "=?" in name:
         # The email package's default policy decodes RFC 2047 encoded-words even inside quotes.
         raise MultipartError("A field name holds an RFC 2047 encoded-word; that is not accepted.")
