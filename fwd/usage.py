@@ -550,7 +550,8 @@ class UsageStripper:
             return b""
         rest = bytes(self._held)
         self._held = bytearray()
-        return self._rewrite(rest) or b""
+        event = rest.lstrip(b"\r\n")
+        return rest[: len(rest) - len(event)] + (self._rewrite(event) or b"")
 
     def _feed(self, chunk: bytes) -> bytes:
         out = []
@@ -607,6 +608,13 @@ class UsageStripper:
         out = []
         end = 0
         for start, content_end, end in _events(block):
+            if block[start] in b"\r\n":
+                # Line ends that open an event belong to the blank lines before it: kept, however cut.
+                lead = start
+                while lead < content_end and block[lead] in b"\r\n":
+                    lead += 1
+                out.append(block[start:lead])
+                start = lead
             kept = self._rewrite(block[start:content_end])
             if kept is not None:
                 out.append(kept)

@@ -340,6 +340,45 @@ def test_a_stripped_stream_is_byte_identical_to_the_stream_without_include_usage
     assert stripper.done and stripper.events == len(texts) + 3
 
 
+EVENT_BODIES = [
+    b'data: {"id":"1","choices":[{"delta":{"content":"a"}}],"usage":null}',
+    b'data: {"id":"2","choices":[{"delta":{}}],"usage":null,"obfuscation":"Qx"}',
+    b'data: {"usage":null,"id":"3","choices":[{"delta":{},"usage":null}]}',
+    b'data: { "id": "4", "usage" : null }',
+    b'data: {"id":"5","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}',
+    b'data: {"id":"6","choices":[{"delta":{"content":"\\"usage\\":null}"}}]}',
+    b'event: x\ndata: {"id":"7","usage":null}',
+    b"data: {not json,\"usage\":null}",
+    b": comment",
+    b"data: [DONE]",
+    b"",
+]
+LINE_ENDS = [b"\n", b"\r\n", b"\r"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    parts=st.lists(st.tuples(st.sampled_from(EVENT_BODIES), st.sampled_from(LINE_ENDS), st.integers(2, 4)), max_size=8),
+    cuts=st.lists(st.integers(0, 1000), max_size=10),
+)
+def test_how_a_stream_is_cut_never_changes_what_is_relayed_or_counted(parts, cuts):
+    stream = b"".join(body.replace(b"\n", end) + end * blank for body, end, blank in parts)
+    whole, whole_stripper = strip(stream)
+    cut, cut_stripper = strip(stream, [c for c in cuts if c <= len(stream)])
+    assert cut == whole
+    assert cut_stripper.usage == whole_stripper.usage
+    assert meter(stream, cuts=[c for c in cuts if c <= len(stream)]).usage == meter(stream).usage
+
+
+def test_extra_blank_lines_before_the_usage_chunk_are_kept_wherever_the_stream_is_cut():
+    stream = (b'data: {"id":"1","usage":null}\n\n\n'
+              b'data: {"id":"5","choices":[],"usage":{"prompt_tokens":1}}\r\n\r\n\r\n'
+              b"data: [DONE]\n\n")
+    expected = b'data: {"id":"1"}\n\n\n\r\ndata: [DONE]\n\n'
+    for cut in range(len(stream) + 1):
+        assert strip(stream, [cut])[0] == expected, cut
+
+
 def test_a_stream_split_at_every_byte_position_is_stripped_identically():
     texts = ["Hello", ' {"usage":null}', "\\"]
     for kw in ({}, {"obfuscation": True, "newline": b"\r\n"}):
