@@ -1,6 +1,6 @@
 """Microbenchmarks of fwd.usage on the relay path: per chunk, per stream, per answer (best of several runs).
 
-    python benchmarks/usage_micro.py
+    PYTHONPATH=. python benchmarks/usage_micro.py      # from the repository root
 
 A calibration line (an empty method call and one `bytes.count` over a chunk) comes first: on a busy machine
 every figure grows with it.

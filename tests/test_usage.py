@@ -523,7 +523,10 @@ def test_the_injected_body_decodes_to_the_request_with_include_usage(extra, opti
         request = {"stream_options": options, **request} if first else {**request, "stream_options": options}
     body = json.dumps(request, **layout).encode()
     out = with_include_usage(body, options)
-    assert out is not None
+    if out is None:
+        # Only a body crowded with nested members of that name is left alone: too many candidates to try.
+        assert body.count(b'"stream_options"') > 8
+        return
     given_options = {} if options is ABSENT or options is None else options
     assert json.loads(out) == {**request, "stream_options": {**given_options, "include_usage": True}}
 
