@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from treq.client import HTTPClient
 from twisted.application import service
 
 from fwd import config as configuration
 from fwd.gateway import Gateway
+from fwd.keycheck import KeyCheckService
 from fwd.lifecycle import Drain, Reload, Reloader, StartupReport
 from fwd.listeners import AdoptedPort, Listener
 from fwd.metrics import MetricsService
@@ -30,14 +32,17 @@ def build_site(gateway: Gateway, root: GatewayRoot) -> ForwardSite:
     )
 
 
-def serving_reloader(gateway: Gateway, root: GatewayRoot, site: ForwardSite, load) -> Reloader:
-    """What a reload changes in a serving process: the gateway's routes and keys, the tree, the site's bounds."""
+def serving_reloader(gateway: Gateway, root: GatewayRoot, site: ForwardSite, load, checked=None) -> Reloader:
+    """What a reload changes in a serving process: the gateway's routes and keys, the tree, the site's bounds;
+    `checked`, a KeyCheckService, checks the keys again."""
 
     def apply(new: configuration.Config) -> None:
         gateway.reconfigure(new)
         root.mount()
         site.max_body_size = new.max_body_size
         site.body_timeout = new.body_timeout
+        if checked is not None:
+            checked.recheck()
 
     return Reloader(load=load, apply=apply, running=lambda: gateway.config)
 
@@ -78,7 +83,9 @@ def build_service(
             config.metrics_port, gateway.status, transcripts, reactor, config.tls_ciphers
         ).setServiceParent(top)
 
-    top.reloader = serving_reloader(gateway, root, site, load or (lambda: gateway.config))
+    key_check = KeyCheckService(gateway, HTTPClient(agent), reactor)
+    key_check.setServiceParent(top)
+    top.reloader = serving_reloader(gateway, root, site, load or (lambda: gateway.config), key_check)
     if load is not None and inherited is None:
         Reload(top.reloader, reactor).setServiceParent(top)
     if hasattr(reactor, "callWhenRunning"):

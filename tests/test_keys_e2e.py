@@ -22,6 +22,12 @@ from tests.support.processes import DaemonProcess, FakeUpstreamProcess, twistd_c
 
 pytestmark = pytest.mark.slow
 
+
+def daemon_process(arguments=(), env=None, **kw) -> DaemonProcess:
+    """The daemon without its startup key check: these tests are about the refusals requests meet, and the
+    check would find the same keys first (tests/test_keycheck.py covers it)."""
+    return DaemonProcess(arguments, env={"CHECK_KEYS": "false", **(env or {})}, **kw)
+
 HI = [{"role": "user", "content": "hi"}]
 
 # Point 1: the pool behind forward keys, configured from the environment.
@@ -171,7 +177,7 @@ def flaky():
 @pytest.fixture(scope="module")
 def pooled(upstream):
     env = {"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": ",".join(POOL), "FORWARD_KEY": " ".join(FORWARD)}
-    with DaemonProcess(env=env) as proxy:
+    with daemon_process(env=env) as proxy:
         yield proxy
 
 
@@ -183,13 +189,13 @@ def forward_keys_only(upstream):
         "FORWARD_KEY": FORWARD[0],
         "ALLOW_CLIENT_KEYS": "false",
     }
-    with DaemonProcess(env=env) as proxy:
+    with daemon_process(env=env) as proxy:
         yield proxy
 
 
 @pytest.fixture(scope="module")
 def no_auth(upstream):
-    with DaemonProcess(env={"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": "  ".join(OPEN_POOL)}) as proxy:
+    with daemon_process(env={"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": "  ".join(OPEN_POOL)}) as proxy:
         yield proxy
 
 
@@ -205,7 +211,7 @@ def failover(flaky, tmp_path_factory):
         + route_table("/all-dead", flaky.url, [DEAD_A, DEAD_B])
         + route_table("/plain", flaky.url, [PLAIN_A, PLAIN_B])
     )
-    with DaemonProcess(["--config", str(path)]) as proxy:
+    with daemon_process(["--config", str(path)]) as proxy:
         yield proxy
 
 
@@ -217,7 +223,7 @@ def gated(upstream):
         "FORWARD_KEY": GATED_FORWARD,
         "PROXY_KEY": ",".join(PROXY_KEYS),
     }
-    with DaemonProcess(env=env) as proxy:
+    with daemon_process(env=env) as proxy:
         yield proxy
 
 
@@ -229,7 +235,7 @@ def behind_proxy(upstream):
         "IP_WHITELIST": "10.0.0.0/8",
         "IP_BLACKLIST": "10.6.6.0/24",
     }
-    with DaemonProcess(env=env) as proxy:
+    with daemon_process(env=env) as proxy:
         yield proxy
 
 
@@ -243,7 +249,7 @@ def routed(upstream, tmp_path_factory):
         + route_table("/azure", upstream.url, [AZURE_POOL], azure, kind="azure")
         + route_table("/local", upstream.url + "/llm", [LOCAL_POOL], f'["{LOCAL_FORWARD}"]', kind="general")
     )
-    with DaemonProcess(["--config", str(path)]) as proxy:
+    with daemon_process(["--config", str(path)]) as proxy:
         yield proxy
 
 
@@ -528,7 +534,7 @@ def test_after_the_proxy_key_is_stripped_an_unknown_forward_key_is_still_a_401(g
 
 def test_a_blacklisted_address_gets_a_403_json_even_when_it_forges_x_forwarded_for(upstream):
     watch = Watch(upstream)
-    with DaemonProcess(env={"OPENAI_BASE_URL": upstream.url, "IP_BLACKLIST": "127.0.0.1"}) as proxy:
+    with daemon_process(env={"OPENAI_BASE_URL": upstream.url, "IP_BLACKLIST": "127.0.0.1"}) as proxy:
         with pytest.raises(openai.PermissionDeniedError) as raised:
             chat(sdk(proxy, "sk-x"))
         forged = httpx.get(proxy.url + "/v1/models", headers={"X-Forwarded-For": "10.1.2.3"})
@@ -539,7 +545,7 @@ def test_a_blacklisted_address_gets_a_403_json_even_when_it_forges_x_forwarded_f
 
 def test_an_address_outside_the_whitelist_gets_a_403_json_even_when_it_forges_x_forwarded_for(upstream):
     watch = Watch(upstream)
-    with DaemonProcess(env={"OPENAI_BASE_URL": upstream.url, "IP_WHITELIST": "10.0.0.0/8, 192.0.2.7"}) as proxy:
+    with daemon_process(env={"OPENAI_BASE_URL": upstream.url, "IP_WHITELIST": "10.0.0.0/8, 192.0.2.7"}) as proxy:
         plain = httpx.get(proxy.url + "/v1/models")
         forged = httpx.get(proxy.url + "/v1/models", headers={"X-Forwarded-For": "10.1.2.3"})
     for response in (plain, forged):
@@ -756,7 +762,7 @@ def test_no_key_of_any_kind_appears_in_the_log_or_in_any_error_after_varied_traf
     watch = Watch(flaky)
     errors = []
     env = {"PROXY_KEY": f"{pk1} {pk2}"}
-    with DaemonProcess(["--config", str(config)], env=env) as proxy:
+    with daemon_process(["--config", str(config)], env=env) as proxy:
         for path, headers, payload, status in traffic:
             response = httpx.post(proxy.url + path, json=payload, headers=headers)
             assert response.status_code == status, (path, response.text)
