@@ -23,7 +23,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from fwd import access, errors, keys
 from fwd.answers import send_error
 from fwd.body import BytesProducer, RequestBody, body_producer
-from fwd.headers import is_event_stream, response_headers, upstream_headers
+from fwd.headers import clean_phrase, is_event_stream, response_headers, upstream_headers
+from fwd.masking import KeyMasker
 from fwd.relay import Collect, Discard, Relay, abort
 from fwd.transcripts.assembly import Ended, Transcript, transcript_kind
 from fwd.transcripts.events import emit
@@ -69,6 +70,7 @@ class Exchange:
         self.status = 0
         self.sent = 0
         self.stream = False
+        self.masker: KeyMasker | None = None
         self.ttfb: float | None = None
         self.transcript: Transcript | None = None
         path = request.path
@@ -170,6 +172,7 @@ class Exchange:
             self._attempt()
             return
         self._start_response(response)
+        body = self.masker.whole(body)
         self.request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         self.request.write(body)
         self.sent = len(body)
@@ -178,15 +181,21 @@ class Exchange:
         self.request.finish()
         self._end(partial=False, error=None)
 
+    def secrets(self) -> list[str]:
+        """The keys the upstream saw on this exchange, which an error body could quote back."""
+        return [key for key in (self.attempts.key, self.admission.decision.client_key) if key]
+
     def _start_response(self, response) -> None:
-        """Send the upstream's status and end-to-end headers to the client."""
+        """Send the upstream's status and end-to-end headers to the client.  An error's body may quote the key
+        it refused: it is relayed masked (fwd.masking), so its length is not known in advance."""
         status = response.code
+        self.masker = KeyMasker(self.secrets()) if status >= 400 else None
         self.ttfb = self.clock.seconds()
         self.status = status
         request = self.request
-        request.setResponseCode(status, response.phrase)
+        request.setResponseCode(status, clean_phrase(response.phrase))
         out = request.responseHeaders
-        for name, values in response_headers(response.headers.getAllRawHeaders()):
+        for name, values in response_headers(response.headers.getAllRawHeaders(), getattr(response, "connection", None)):
             out.setRawHeaders(name, values)
         content_type = response.headers.getRawHeaders(b"content-type")
         stream = is_event_stream(content_type)
@@ -194,6 +203,8 @@ class Exchange:
             out.setRawHeaders(b"x-accel-buffering", [b"no"])
             self.stream = True
             self.gateway.streams += 1
+        elif self.masker is not None and self.masker.keys:
+            out.removeHeader(b"content-length")
         elif response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
         if self.transcript is not None:
@@ -241,6 +252,8 @@ class Exchange:
     def body_done(self, reason) -> None:
         """The upstream body ended: finish cleanly, or make the client see a broken stream."""
         request = self.request
+        if self.relay is not None:
+            self.relay.flush()
         if not self.client_gone:
             request.unregisterProducer()
         if reason.check(ResponseDone, PotentialDataLoss):

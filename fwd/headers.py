@@ -56,14 +56,30 @@ def request_headers(
     ]
 
 
-def response_headers(headers: Iterable[tuple[bytes, list[bytes]]]) -> list[tuple[bytes, list[bytes]]]:
-    """The upstream's headers to send to the client."""
+_BREAKING = b"\r\n\x00"
+_CONTROL = bytes(range(32)) + b"\x7f"
+
+
+def response_headers(
+    headers: Iterable[tuple[bytes, list[bytes]]], connection: list[bytes] | None = None
+) -> list[tuple[bytes, list[bytes]]]:
+    """The upstream's headers to send to the client: no hop-by-hop header, none that the upstream's
+    `Connection` header (`connection`, when the agent keeps it apart) names, and no CR, LF or NUL in a value."""
     headers = [(name.lower(), values) for name, values in headers]
-    drop = RESPONSE_DROP
+    drop = RESPONSE_DROP | connection_tokens(connection)
     for name, values in headers:
         if name == b"connection":
             drop = drop | connection_tokens(values)
-    return [(name, values) for name, values in headers if name not in drop]
+    return [
+        (name, [value.translate(None, _BREAKING) for value in values])
+        for name, values in headers
+        if name not in drop
+    ]
+
+
+def clean_phrase(phrase: bytes) -> bytes:
+    """An upstream's reason phrase fit to send on: control characters (CR, LF and NUL among them) removed."""
+    return phrase.translate(None, _CONTROL)
 
 
 def is_event_stream(content_type: list[bytes] | None) -> bool:

@@ -75,8 +75,8 @@ class Drain(service.MultiService):
         return idle
 
     def _close_connections(self, deadline: float) -> defer.Deferred:
-        for transport in self.site.open_connections():
-            transport.loseConnection()
+        for connection in self.site.open_connections():
+            connection.close()
         closed = defer.Deferred()
 
         def check():

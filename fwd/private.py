@@ -7,33 +7,62 @@ Tests: tests/test_private.py
 - `HTTPChannel._respondToBadRequestAndDisconnect`: twisted.web calls it for every request it cannot frame
   (bad request line, bad header, bad chunking).  Overriding it is the only way to answer those with the
   proxy's JSON 400, access-log them and count them, instead of twisted.web's bare text 400.
-- `twisted.web.http._GenericHTTPChannelProtocol`: the protocol a Site builds, which switches a TLS connection
-  to HTTP/2 when ALPN says h2; it constructs `H2Connection()` itself, so the hardened HTTP/2 connection of
-  fwd.http2 can only be put in place by a subclass of it.
-- `twisted.web._http2.H2Connection` / `H2Stream`: the HTTP/2 implementation has no public module; fwd.http2
-  subclasses it to bound header blocks, streams and deadlines (see there for the attributes it reads).
+- `twisted.web._http2.H2Connection`: twisted.web's only HTTP/2 server protocol, in a module with no public
+  name.  fwd.http2 subclasses it to bound header blocks, streams and deadlines and to stop its send loop from
+  polling shut windows; its docstring lists each member of it that it uses.  (twisted.web's own
+  `_GenericHTTPChannelProtocol`, which builds a plain H2Connection, is not used: fwd.http2.ForwardHTTPProtocol
+  makes the same switch with public names.)
 - `SSL4ServerEndpoint._sslContextFactory`: the TLS context an `ssl:` endpoint description built.  Needed to set
   the cipher list and minimum TLS version (the description has no option for them) and, in a worker of
   --workers, to wrap an inherited listening socket in the same TLS context.
 - `HTTPConnectionPool._factory` / `twisted.web.client._HTTP11ClientFactory`: the factory of upstream
   connections.  The only way to stop a log line per new upstream connection ("Starting factory …") is a
-  subclass with `noisy = False` set as the pool's factory.
+  subclass with `noisy = False` set as the pool's factory, and it is where the connections' protocol is chosen:
+- `twisted.web._newclient.HTTP11ClientProtocol._parser` and `HTTPClientParser.connHeaders`: twisted.web keeps
+  an upstream response's `Connection` header to itself (it is not in `response.headers`), yet the headers it
+  names are hop-by-hop and must not reach the client (RFC 9110 7.6.1).  The upstream connections' protocol
+  hands each response that header as `response.connection`.
 """
 
 from __future__ import annotations
 
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.web import _http2, client, http
+from twisted.web import _http2, _newclient, client, http
 
-GenericHTTPChannelProtocol = http._GenericHTTPChannelProtocol
 H2Connection = _http2.H2Connection
-H2Stream = _http2.H2Stream
+
+
+class BadRequestHook:
+    """Mixed into the daemon's HTTP/1.1 channel: twisted.web's own refusals of what it cannot frame go to the
+    channel's public `bad_request()` instead of twisted.web's bare text 400."""
+
+    def _respondToBadRequestAndDisconnect(self):
+        self.bad_request()
+
+
+class ConnectionHeaderProtocol(_newclient.HTTP11ClientProtocol):
+    """An upstream connection whose responses carry the upstream's `Connection` header values as
+    `response.connection` (a list of bytes, maybe empty)."""
+
+    def request(self, request):
+        answered = super().request(request)
+        parser = self._parser
+
+        def hand_over(response):
+            response.connection = parser.connHeaders.getRawHeaders(b"connection", []) if parser is not None else []
+            return response
+
+        return answered.addCallback(hand_over)
 
 
 class QuietClientFactory(client._HTTP11ClientFactory):
-    """The upstream connection pool's factory, without a log line per new upstream connection."""
+    """The upstream connection pool's factory: no log line per new upstream connection, and connections that
+    hand each response its `Connection` header."""
 
     noisy = False
+
+    def buildProtocol(self, addr):
+        return ConnectionHeaderProtocol(self._quiescentCallback)
 
 
 def quiet_pool(pool: client.HTTPConnectionPool) -> client.HTTPConnectionPool:
@@ -52,18 +81,38 @@ def tls_context_factory(endpoint):
 # (owner, attribute): what must exist for the daemon to work as documented.
 REQUIRED = (
     (http.HTTPChannel, "_respondToBadRequestAndDisconnect"),
-    (http, "_GenericHTTPChannelProtocol"),
-    (http._GenericHTTPChannelProtocol, "dataReceived"),
     (_http2, "H2Connection"),
-    (_http2, "H2Stream"),
+    (_http2.H2Connection, "writeHeaders"),
+    (_http2.H2Connection, "writeDataToStream"),
+    (_http2.H2Connection, "remainingOutboundWindow"),
+    (_http2.H2Connection, "abortRequest"),
+    (_http2.H2Connection, "timeoutConnection"),
+    (_http2.H2Stream, "connectionLost"),
     (client, "_HTTP11ClientFactory"),
     (client.HTTPConnectionPool, "_factory"),
+    (_newclient, "HTTP11ClientProtocol"),
+    (_newclient.HTTPClientParser, "connectionMade"),
+)
+
+
+# (class, method, attribute): instance attributes the method sets, which the daemon reads or replaces.
+REQUIRED_INSTANCE = (
+    (SSL4ServerEndpoint, "__init__", "_sslContextFactory"),
+    (client._HTTP11ClientFactory, "__init__", "_quiescentCallback"),
+    (_newclient.HTTP11ClientProtocol, "request", "_parser"),
+    (_newclient.HTTPClientParser, "connectionMade", "connHeaders"),
+    (_http2.H2Connection, "__init__", "conn"),
+    (_http2.H2Connection, "__init__", "streams"),
+    (_http2.H2Connection, "__init__", "priority"),
 )
 
 
 def missing() -> list[str]:
-    """The private names of REQUIRED (and of an ssl: endpoint) that the installed Twisted lacks."""
+    """The names of REQUIRED and REQUIRED_INSTANCE that the installed Twisted lacks."""
     gone = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in REQUIRED if not hasattr(owner, name)]
-    if "_sslContextFactory" not in SSL4ServerEndpoint.__init__.__code__.co_names:
-        gone.append("SSL4ServerEndpoint._sslContextFactory")
+    gone += [
+        f"{owner.__name__}.{name}"
+        for owner, method, name in REQUIRED_INSTANCE
+        if not hasattr(owner, method) or name not in getattr(owner, method).__code__.co_names
+    ]
     return gone

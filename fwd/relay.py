@@ -62,6 +62,8 @@ class Relay(Protocol):
         self.timed_out = False
         self.idle = None
         self.send = self._first_write
+        masker = exchange.masker
+        self.masker = masker if masker is not None and masker.keys else None
 
     def connectionMade(self):
         exchange = self.exchange
@@ -76,6 +78,11 @@ class Relay(Protocol):
         exchange = self.exchange
         if exchange.client_gone:
             return
+        if self.masker is not None:
+            data = self.masker.feed(data)
+            if not data:
+                self.idle.reset(self.idle_timeout)
+                return
         self.send(data)
         exchange.sent += len(data)
         if self.transcript is not None:
@@ -94,6 +101,17 @@ class Relay(Protocol):
             self.send = lambda data: write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             self.send = channel.transport.write
+
+    def flush(self) -> None:
+        """Send what the masker still holds (the body ended)."""
+        if self.masker is None or self.exchange.client_gone:
+            return
+        rest = self.masker.close()
+        if rest:
+            self.send(rest)
+            self.exchange.sent += len(rest)
+            if self.transcript is not None:
+                self.transcript.feed(rest)
 
     def connectionLost(self, reason):
         if self.idle is not None and self.idle.active():

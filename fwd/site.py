@@ -85,9 +85,10 @@ class ForwardRequest(Request):
         self.content = None
         if refusal is not None:
             self.refuse(refusal, body_follows=length != 0)
-        else:
-            self.content = RequestBody()
-        if length != 0 and (refusal is None or not isinstance(self.channel, HTTPChannel)):
+            return
+        self.content = RequestBody()
+        if length != 0 and isinstance(self.channel, HTTPChannel):
+            # Over HTTP/2 the connection keeps each stream's body deadline (fwd.http2).
             self.body_deadline = site.clock.callLater(site.body_timeout, self._body_stalled)
 
     def handleContentChunk(self, data):
@@ -107,15 +108,12 @@ class ForwardRequest(Request):
             self.body_deadline.reset(site.body_timeout)
 
     def _body_stalled(self):
-        """The body stopped moving: answer 408 (or the refusal it was waiting to give) and end the connection
-        (or the HTTP/2 stream)."""
+        """The body stopped moving: answer 408 and close the connection."""
         self.body_deadline = None
         if self.content is not None:
             self.content.close()
             self.content = None
-        error = self.refusal or errors.body_timeout(self.channel.site.body_timeout)
-        self.refusal = None
-        self.refuse(error, body_follows=True, now=True)
+        self.refuse(errors.body_timeout(self.channel.site.body_timeout), body_follows=True)
 
     def _stop_body_deadline(self):
         if self.body_deadline is not None:
@@ -123,10 +121,10 @@ class ForwardRequest(Request):
                 self.body_deadline.cancel()
             self.body_deadline = None
 
-    def refuse(self, error: errors.ProxyError, body_follows: bool, now: bool = False) -> None:
+    def refuse(self, error: errors.ProxyError, body_follows: bool) -> None:
         """Answer `error` without reading the body.  Over HTTP/1.1 a body still on its way is not worth
-        reading: the answer goes out at once and the connection closes.  Over HTTP/2 the stream is answered
-        when it ends (its DATA is discarded meanwhile), or at once and reset when `now`."""
+        reading: the answer goes out at once and the connection closes.  Over HTTP/2 the stream is answered as
+        soon as its connection knows it, and the connection discards its late DATA and resets it (fwd.http2)."""
         if self.refusal is not None:
             return
         self.refusal = error
@@ -145,9 +143,8 @@ class ForwardRequest(Request):
             self.code = error.status
             self.sentLength = len(error.body())
             site.log(self)
-        elif now:
-            answers.send_error(self, error)
-            channel.abortConnection()
+        else:
+            site.clock.callLater(0, answers.send_error, self, error)
 
     def requestReceived(self, command, path, version):
         self._stop_body_deadline()
@@ -176,18 +173,13 @@ class ForwardRequest(Request):
             self.content.close()
 
 
-class ForwardChannel(HTTPChannel):
+class ForwardChannel(private.BadRequestHook, HTTPChannel):
     """twisted.web's HTTP/1.1 channel, strict about message framing and with a deadline for request heads."""
 
-    header_timeout: float = HEADER_TIMEOUT_SECONDS
     head_line: tuple[bytes, bytes, bytes] | None = None
     _head_deadline = None
     _in_head = False
     _busy = False
-
-    def connectionMade(self):
-        super().connectionMade()
-        self.site.transports.add(self.transport)
 
     def dataReceived(self, data):
         if data and self.line_mode and not self._busy:
@@ -204,7 +196,7 @@ class ForwardChannel(HTTPChannel):
         elif line[:1] in (b" ", b"\t"):
             # obs-fold: a header continued on the next line; RFC 9112 5.2 lets a server reject it, and a
             # proxy must, as the hop in front of it may have read the headers differently.
-            return self._respondToBadRequestAndDisconnect()
+            return self.bad_request()
         super().lineReceived(line)
 
     def headerReceived(self, line):
@@ -213,11 +205,11 @@ class ForwardChannel(HTTPChannel):
             value.strip(b" \t").lower() != b"chunked" or self.head_line is None or self.head_line[2] != b"HTTP/1.1"
         ):
             # Only a lone `chunked` on HTTP/1.1 frames a body the same way for every hop (RFC 9112 6.1).
-            self._respondToBadRequestAndDisconnect()
+            self.bad_request()
             return False
         if http2.has_control_characters(value):
             # Control characters are not field content (RFC 9110 5.5); forwarded, they trip up upstreams.
-            self._respondToBadRequestAndDisconnect()
+            self.bad_request()
             return False
         return super().headerReceived(line)
 
@@ -236,13 +228,13 @@ class ForwardChannel(HTTPChannel):
 
     def _start_head_deadline(self):
         if self._head_deadline is None and not self._busy and self.transport is not None:
-            self._head_deadline = self.callLater(self.header_timeout, self._head_timed_out)
+            self._head_deadline = self.callLater(self.site.header_timeout, self._head_timed_out)
 
     def _head_timed_out(self):
         self._head_deadline = None
         if self._busy or not self.line_mode:
             return
-        self._answer_and_close(errors.head_timeout(self.header_timeout))
+        self._answer_and_close(errors.head_timeout(self.site.header_timeout))
 
     def _cancel_head_deadline(self):
         if self._head_deadline is not None:
@@ -250,7 +242,8 @@ class ForwardChannel(HTTPChannel):
                 self._head_deadline.cancel()
             self._head_deadline = None
 
-    def _respondToBadRequestAndDisconnect(self):
+    def bad_request(self):
+        """A request that cannot be framed (twisted.web's parser, or our stricter checks): JSON 400, closed."""
         self._answer_and_close(errors.bad_http_request())
 
     def _answer_and_close(self, error: errors.ProxyError) -> None:
@@ -281,15 +274,20 @@ class ForwardSite(Site):
         self.max_body_size = max_body_size
         self.body_timeout = body_timeout
         self.access = access
-        self.transports: weakref.WeakSet = weakref.WeakSet()
+        self.header_timeout = HEADER_TIMEOUT_SECONDS
+        self.connections: weakref.WeakSet = weakref.WeakSet()
 
     def protocol(self):
-        return http2.GenericChannel(ForwardChannel())
+        return http2.ForwardHTTPProtocol(ForwardChannel())
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        self.connections.add(protocol)
+        return protocol
 
     def open_connections(self) -> list:
-        """Client connections still open, for a graceful shutdown."""
-        # Socket transports say `connected`; in-memory test transports only `disconnected`.
-        return [t for t in self.transports if getattr(t, "connected", not getattr(t, "disconnected", True))]
+        """Client connections still open (each with a `close()`), for a graceful shutdown."""
+        return [protocol for protocol in self.connections if protocol.connected]
 
     def log(self, request):
         """Access-log what was answered without an exchange; forwarded requests are logged when theirs ends."""

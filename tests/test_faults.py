@@ -451,7 +451,7 @@ def test_in_memory_a_client_abort_cancels_the_upstream_at_once_and_leaves_nothin
         protocol, transport = memory_connection(proxy)
         protocol.dataReceived(ABORTS[moment])
         proxy.flush()
-        request = protocol._channel.requests[0]
+        request = protocol.channel.requests[0]
         if moment == "mid-stream":
             assert b"data: " in transport.value()
         protocol.connectionLost(Failure(ConnectionLost("client went away")))

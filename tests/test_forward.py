@@ -79,7 +79,7 @@ class ForwardingTests(SynchronousTestCase):
     def test_a_slow_client_pauses_the_upstream_transport(self):
         proxy = MemoryProxy()
         proxy.raw(b"GET /v1/big HTTP/1.1\r\nHost: p\r\nx-fake-bytes: 10000000\r\nx-fake-interval: 0.1\r\n\r\n")
-        channel = proxy.raw_protocol._channel
+        channel = proxy.raw_protocol.channel
         producer = channel.requests[0].producer
         self.assertIsNotNone(producer, "the upstream transport is registered as the client's producer")
         calls = []

@@ -130,7 +130,18 @@ def check(out, headers):
 def test_no_hop_by_hop_or_connection_named_header_ever_reaches_the_client(headers):
     out = response_headers(headers)
     dropped = check(out, headers) | HOP_BY_HOP
-    assert out == [(n.lower(), v) for n, v in headers if n.lower() not in dropped]
+    clean = [(n.lower(), [x.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b"") for x in v]) for n, v in headers]
+    assert out == [(n, v) for n, v in clean if n not in dropped]
+    assert not any(c in value for _, values in out for value in values for c in (b"\r", b"\n", b"\x00"))
+
+
+@given(st.lists(header, max_size=10), st.lists(st.sampled_from([b"x-hop", b"X-Secret, keep-alive", b" x-a "]), max_size=3))
+def test_headers_the_upstreams_connection_header_names_never_reach_the_client_though_the_agent_hides_it(
+    headers, connection
+):
+    hidden = {t.strip().lower() for v in connection for t in v.split(b",") if t.strip()}
+    out = response_headers(headers, connection)
+    assert not hidden & {name for name, _ in out}
 
 
 @given(st.lists(header, max_size=10), st.sampled_from([b"", b"x-a", b"openai-"]))

@@ -21,17 +21,27 @@ def test_a_name_that_disappears_is_reported(monkeypatch):
 
 
 def test_no_other_module_of_the_package_touches_a_private_twisted_name():
+    import ast
     import pathlib
-    import re
 
+    import twisted.web.client
+    import twisted.web.http
+
+    privates = {name for module in (twisted.web.http, twisted.web.client) for name in vars(module) if name[:1] == "_"}
+    privates |= {name for owner, name in private.REQUIRED if name[:1] == "_"}
+    privates |= {name for owner, method, name in private.REQUIRED_INSTANCE if name[:1] == "_"}
+    privates |= {"_http2", "_HTTPChannel__first_line", "_handlingRequest", "_disconnected", "_GenericHTTPChannelProtocol"}
+    privates = {name for name in privates if not name.startswith("__")}
     package = pathlib.Path(private.__file__).parent
-    pattern = re.compile(
-        r"_HTTPChannel__|_GenericHTTPChannelProtocol|_sslContextFactory|_HTTP11ClientFactory|_requestWithEndpoint"
-        r"|_getEndpoint|_raiseSynchronously|_handlingRequest|\._disconnected|\._channel\b|\bpool\._factory|_http2\b"
-    )
-    offenders = [
-        str(path.relative_to(package))
-        for path in package.rglob("*.py")
-        if path.name not in ("private.py", "http2.py") and pattern.search(path.read_text())
-    ]
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.name == "private.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Attribute):
+                names.append(node.attr)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("twisted"):
+                names += [alias.name for alias in node.names]
+            offenders += [f"{path.relative_to(package)}: {name}" for name in names if name in privates]
     assert offenders == []
