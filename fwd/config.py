@@ -57,7 +57,7 @@ SETTINGS = (
             help="let a client's own upstream key pass through unchanged (false: forward keys only)"),
     Setting("timeout", ("TIMEOUT",), "600", help="seconds to connect and get the upstream's response headers (504)"),
     Setting("idle-timeout", ("IDLE_TIMEOUT",), "300",
-            help="seconds of upstream silence mid-body before the client connection is aborted"),
+            help="seconds an answer may stall mid-body (the upstream sending nothing, or the client reading nothing) before the client connection is aborted"),
     Setting("max-body-size", ("MAX_BODY_SIZE",), "100M", help="largest request body, bytes or with K/M/G (413)"),
     Setting("log-chat", ("LOG_CHAT",), "false", help="keep chat transcripts in LOG_DIR/chat.jsonl"),
     Setting("log-dir", ("LOG_DIR",), "./Log", help="directory of the transcripts"),

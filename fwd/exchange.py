@@ -249,6 +249,12 @@ class Exchange:
         elif self.relay is not None:
             self.relay.stop()
 
+    def client_stalled(self) -> None:
+        """The client stopped reading its answer: disconnect it, which ends the exchange as a client that left."""
+        log.info("client {client} read nothing for {seconds:g} s; disconnecting it", client=self.admission.client,
+                 seconds=self.config.idle_timeout)
+        abort(self.request)
+
     def body_done(self, reason) -> None:
         """The upstream body ended: finish cleanly, or make the client see a broken stream."""
         request = self.request

@@ -4,9 +4,11 @@ Tests: tests/test_forward.py"""
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IWriteDescriptor
+from twisted.internet.interfaces import IPushProducer, IWriteDescriptor
 from twisted.internet.protocol import Protocol
 from twisted.web.http import HTTPChannel
+from zope.interface import implementer
+
 
 
 def abort(request) -> None:
@@ -51,9 +53,12 @@ class Collect(Protocol):
         self.done.callback(b"".join(self.parts))
 
 
+@implementer(IPushProducer)
 class Relay(Protocol):
-    """Streams an upstream response body to the client as it arrives: the upstream transport is the client
-    request's producer, so a client that reads slowly pauses the upstream instead of filling memory."""
+    """Streams an upstream response body to the client as it arrives.  It is the client request's producer and
+    passes pauses on to the upstream transport, so a client that reads slowly pauses the upstream instead of
+    filling memory.  IDLE_TIMEOUT bounds both silences: an upstream that sends nothing, and a client that reads
+    nothing (it is disconnected; its upstream stays paused meanwhile, costing nothing)."""
 
     def __init__(self, exchange):
         self.exchange = exchange
@@ -61,6 +66,7 @@ class Relay(Protocol):
         self.transcript = exchange.transcript
         self.timed_out = False
         self.idle = None
+        self.stall = None
         self.send = self._first_write
         masker = exchange.masker
         self.masker = masker if masker is not None and masker.keys else None
@@ -70,7 +76,7 @@ class Relay(Protocol):
         if exchange.client_gone:
             self.transport.stopProducing()
             return
-        self.request.registerProducer(self.transport, True)
+        self.request.registerProducer(self, True)
         self.idle_timeout = exchange.config.idle_timeout
         self.idle = exchange.clock.callLater(self.idle_timeout, self._silent)
 
@@ -81,13 +87,14 @@ class Relay(Protocol):
         if self.masker is not None:
             data = self.masker.feed(data)
             if not data:
-                self.idle.reset(self.idle_timeout)
                 return
         self.send(data)
         exchange.sent += len(data)
         if self.transcript is not None:
             self.transcript.feed(data)
-        self.idle.reset(self.idle_timeout)
+        idle = self.idle
+        if idle.active():
+            idle.reset(self.idle_timeout)
 
     def _first_write(self, data: bytes) -> None:
         """The first write sends the headers; later ones can skip twisted.web's per-write bookkeeping."""
@@ -114,17 +121,47 @@ class Relay(Protocol):
                 self.transcript.feed(rest)
 
     def connectionLost(self, reason):
-        if self.idle is not None and self.idle.active():
-            self.idle.cancel()
+        for call in (self.idle, self.stall):
+            if call is not None and call.active():
+                call.cancel()
         self.exchange.body_done(reason)
 
     def _silent(self):
         self.timed_out = True
         self.stop()
 
+    # IPushProducer: the client's side pauses and resumes us; the upstream socket follows.
+
+    def pauseProducing(self):
+        if self.transport is not None:
+            self.transport.pauseProducing()
+        if self.stall is None:
+            self.stall = self.exchange.clock.callLater(self.exchange.config.idle_timeout, self._stalled)
+            if self.idle is not None and self.idle.active():
+                self.idle.cancel()  # the upstream is silent because we paused it
+
+    def resumeProducing(self):
+        if self.stall is not None:
+            if self.stall.active():
+                self.stall.cancel()
+            self.stall = None
+            if self.idle is not None and not self.idle.active():
+                self.idle = self.exchange.clock.callLater(self.idle_timeout, self._silent)
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self):
+        self.stop()
+
+    def _stalled(self):
+        """The client read nothing for the stall timeout: give up on it."""
+        self.stall = None
+        self.exchange.client_stalled()
+
     def stop(self):
         """Stop reading the upstream body and close its connection."""
-        if self.idle is not None and self.idle.active():
-            self.idle.cancel()
+        for call in (self.idle, self.stall):
+            if call is not None and call.active():
+                call.cancel()
         if self.transport is not None:
             self.transport.stopProducing()

@@ -2,6 +2,8 @@
 
 import json
 
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.memory import MemoryProxy, split_response
@@ -80,15 +82,31 @@ class ForwardingTests(SynchronousTestCase):
         proxy = MemoryProxy()
         proxy.raw(b"GET /v1/big HTTP/1.1\r\nHost: p\r\nx-fake-bytes: 10000000\r\nx-fake-interval: 0.1\r\n\r\n")
         channel = proxy.raw_protocol.channel
-        producer = channel.requests[0].producer
-        self.assertIsNotNone(producer, "the upstream transport is registered as the client's producer")
+        relay = channel.requests[0].producer
+        self.assertIsNotNone(relay, "the relay is registered as the client's producer")
         calls = []
-        upstream_transport = producer._producer
+        upstream_transport = relay.transport
         upstream_transport.pauseProducing = lambda: calls.append("pause")
         upstream_transport.resumeProducing = lambda: calls.append("resume")
         channel.pauseProducing()  # what the reactor does when the client's socket buffer is full
         channel.resumeProducing()
         self.assertEqual(calls, ["pause", "resume"])
+
+    def test_a_client_that_reads_nothing_is_disconnected_after_the_stall_timeout_and_its_upstream_stopped(self):
+        proxy = MemoryProxy()
+        transport = proxy.raw(b"GET /v1/big HTTP/1.1\r\nHost: p\r\nx-fake-bytes: 10000000\r\nx-fake-interval: 1\r\n\r\n")
+        channel = proxy.raw_protocol.channel
+        relay = channel.requests[0].producer
+        channel.pauseProducing()  # the client's socket buffer is full and stays full
+        proxy.advance(proxy.config.idle_timeout - 1)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(proxy.gateway.in_flight, 1)
+        proxy.advance(1)
+        self.assertTrue(transport.disconnecting, "a client that never reads is not held for ever")
+        channel.connectionLost(Failure(ConnectionDone()))
+        proxy.flush()
+        self.assertEqual(proxy.gateway.in_flight, 0)
+        self.assertEqual(proxy.upstream.disconnects, 1, "its upstream request was stopped")
 
     def test_the_upstream_body_status_and_headers_of_an_error_pass_through_untouched(self):
         proxy = MemoryProxy()

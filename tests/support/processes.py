@@ -10,6 +10,7 @@ import selectors
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -205,6 +206,10 @@ class DaemonProcess:
             cwd=self.cwd,
             start_new_session=True,  # its own process group, like a daemon started from a shell
         )
+        self._arrived = threading.Condition()
+        self._ended = False
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + self.timeout
         found = re.compile(rb"starting on (\d+)")
         while len(self.ports) < expect_ports:
@@ -215,32 +220,43 @@ class DaemonProcess:
         self.url = f"http://127.0.0.1:{self.ports[0]}"
         return self
 
-    def _read(self, wait: float) -> bool:
-        """Read what the daemon printed; False once it exited or `wait` ran out."""
+    def _drain(self) -> None:
+        """Read the daemon's output as it comes, so a chatty daemon never blocks on a full pipe."""
         assert self.process is not None and self.process.stdout is not None
-        if wait <= 0:
-            return False
         descriptor = self.process.stdout.fileno()
-        with selectors.DefaultSelector() as selector:
-            selector.register(descriptor, selectors.EVENT_READ)
-            if not selector.select(wait):
-                return False
-        data = os.read(descriptor, 65536)
-        self._output += data
-        return bool(data)
+        while True:
+            try:
+                data = os.read(descriptor, 65536)
+            except OSError:
+                data = b""
+            with self._arrived:
+                if data:
+                    self._output += data
+                else:
+                    self._ended = True
+                self._arrived.notify_all()
+            if not data:
+                return
+
+    def _read(self, wait: float) -> bool:
+        """Wait up to `wait` seconds for more output; False once the output ended or nothing came."""
+        with self._arrived:
+            before = len(self._output)
+            if wait > 0:
+                self._arrived.wait_for(lambda: len(self._output) > before or self._ended, wait)
+            return len(self._output) > before
 
     @property
     def output(self) -> str:
         """Everything the daemon printed so far (its log, with -n)."""
-        if self.process is not None and self.process.stdout is not None and not self.process.stdout.closed:
-            while self._read(0.05):
-                pass
-        return self._output.decode("utf-8", "replace")
+        self._read(0.05)
+        with self._arrived:
+            return self._output.decode("utf-8", "replace")
 
     def wait_for(self, text: str, timeout: float = 5.0) -> str:
         """Wait until the log contains `text`; return the whole log."""
         deadline = time.monotonic() + timeout
-        while text not in self._output.decode("utf-8", "replace"):
+        while text not in self.output:
             if not self._read(deadline - time.monotonic()):
                 break
         return self.output
@@ -257,7 +273,7 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(self.timeout)
-        self.output
+        self._reader.join(self.timeout)
         if process.stdout is not None:
             process.stdout.close()
         self.process = None

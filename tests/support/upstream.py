@@ -11,6 +11,7 @@ Per-request controls, read from request headers (all optional)::
     x-fake-status: CODE          answer CODE with an OpenAI-shaped error body
     x-fake-retry-after: SECONDS  ... and a Retry-After header
     x-fake-error-code: CODE      ... and this error.code (e.g. insufficient_quota)
+    x-fake-echo-key: 1           ... whose message quotes the key the request carried, as some servers do
     x-fake-chunks: N             content deltas in a streamed reply (default 5)
     x-fake-interval: SECONDS     delay between the writes of a streamed body
     x-fake-bytes: N              answer N bytes of application/octet-stream,
@@ -526,8 +527,10 @@ class FakeUpstream(Resource):
         status = _header(request, b"x-fake-status", int, 100)
         if status is not None:
             code = request.getHeader(b"x-fake-error-code")
+            message = f"Incorrect API key provided: {key}." if request.getHeader(b"x-fake-echo-key") else None
             return exchange.error(
                 status,
+                message,
                 retry_after=_header(request, b"x-fake-retry-after", float, 0),
                 error_code=code.decode("latin-1") if code else None,
             )
