@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
-import re
 from urllib.parse import unquote_to_bytes
 
 import attrs
@@ -197,57 +195,3 @@ def bearer(value: bytes | None) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
-
-
-_BOUNDARY = re.compile(rb'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
-_MODEL_PART = re.compile(rb'^content-disposition:[^\r\n]*[;\s]name=("?)model\1(?=[;\s]|$)', re.IGNORECASE | re.MULTILINE)
-_AZURE_DEPLOYMENT = re.compile(r"/deployments/([^/?]+)")
-
-
-class _JSONObject(dict):
-    """A JSON object that remembers every value given under any spelling of "model" (duplicates included)."""
-
-    def __init__(self, pairs):
-        super().__init__(pairs)
-        self.models = [value for name, value in pairs if name.casefold() == "model"]
-
-
-def _multipart_models(body: bytes, content_type: bytes) -> list[str]:
-    """The values of every `model` field, found part by part between the boundaries."""
-    match = _BOUNDARY.search(content_type)
-    if not match:
-        return []
-    delimiter = b"\r\n--" + (match.group(1) or match.group(2))
-    models = []
-    for part in (b"\r\n" + body).split(delimiter)[1:]:
-        if part.startswith(b"--"):
-            break
-        head, sep, value = part.partition(b"\r\n\r\n")
-        if sep and _MODEL_PART.search(head):
-            models.append(value.decode("utf-8", "replace"))
-    return models
-
-
-def request_model(body: bytes, content_type: bytes | None, path: str) -> str | None:
-    """The model a request asks for: `model` in a JSON or multipart body, or an Azure deployment in the path.
-
-    None when there is none, or when the request names more than one (duplicate fields, a body model that
-    differs from the deployment): the upstream might honour either, so an allow-list must not guess.
-    """
-    ctype_header = content_type or b""
-    ctype = ctype_header.split(b";", 1)[0].strip().lower()
-    candidates: list[object] = []
-    if ctype == b"multipart/form-data":
-        candidates += _multipart_models(body, ctype_header)
-    elif body[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
-        try:
-            data = json.loads(body, object_pairs_hook=_JSONObject)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            data = None
-        if isinstance(data, _JSONObject):
-            candidates += data.models
-    candidates += _AZURE_DEPLOYMENT.findall(path)
-    if not candidates or not isinstance(candidates[0], str):
-        return None
-    model = candidates[0]
-    return model if all(candidate == model for candidate in candidates) else None

@@ -104,12 +104,9 @@ def ip_denied(ip: str) -> ProxyError:
     return ProxyError(403, f"Your address {ip} may not use this proxy.", type="permission_error", code="ip_denied")
 
 
-def model_denied(model: str | None) -> ProxyError:
-    if model is None:
-        message = "This key is limited to some models; name the model in the request body."
-    else:
-        message = f"This key may not use the model {model!r}."
-    return ProxyError(403, message, type="permission_error", code="model_not_allowed", param="model")
+def model_refused(why: str) -> ProxyError:
+    """A key limited to some models sent a request that would run another, or one that cannot be read one way."""
+    return ProxyError(403, f"{why[:1].upper()}{why[1:]}.", type="permission_error", code="model_not_allowed", param="model")
 
 
 def keys_exhausted(retry_after: float, rate_limited: bool) -> ProxyError:

@@ -53,7 +53,8 @@ def describe_failure(reason) -> str:
 class Exchange:
     """One client request and its upstream attempts, from sending to the last byte relayed."""
 
-    def __init__(self, gateway, active, admission: access.Admission, request, mounted_at: int):
+    def __init__(self, gateway, active, admission: access.Admission, request, target, facts):
+        """`target` says where the request goes upstream, `facts` what was read from its body (fwd.intake)."""
         self.gateway = gateway
         self.config = gateway.config
         self.active = active
@@ -73,10 +74,8 @@ class Exchange:
         self.masker: KeyMasker | None = None
         self.ttfb: float | None = None
         self.transcript: Transcript | None = None
-        path = request.path
-        rest = b"/".join(path.split(b"/")[1 + mounted_at :])
-        _, question, query = request.uri.partition(b"?")
-        self.url = active.upstream_url(rest, query if question else None)
+        self.facts = facts
+        self.url = active.upstream_url(target.rest, target.query)
         self.body = request.content
         if self.body is not None:
             self.body.seek(0, os.SEEK_END)
@@ -117,6 +116,7 @@ class Exchange:
             path=path,
             request_body=start,
             request_size=self.body_size,
+            request_members=self.facts.members.values if self.facts.members is not None else None,
             request_content_type=ctype or None,
         )
         return True

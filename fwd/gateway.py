@@ -12,6 +12,7 @@ from twisted.internet import defer
 from fwd import access, errors
 from fwd.answers import AccessLog
 from fwd.config import Config, Route
+from fwd.intake import cooperator_for
 from fwd.keys import KeyPool
 
 
@@ -88,6 +89,7 @@ class Gateway:
         self._idle_waiters: list[defer.Deferred] = []
         self.routes: dict[str, ActiveRoute] = {}
         self.access = AccessLog(clock, lambda: self.config.trusted_proxies)
+        self.cooperator = cooperator_for(clock)
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:

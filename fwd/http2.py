@@ -433,8 +433,15 @@ class ForwardH2Connection(TwistedH2Connection):
             kept.append(event)
         return kept
 
+    def _log_answer(self, status: int) -> None:
+        """Access-log an answer this connection gave itself (the request never became a Request)."""
+        site = getattr(self, "site", None)
+        if site is not None and hasattr(site, "log_unframed"):
+            site.log_unframed(self, status)
+
     def _answer_bad_request(self, stream_id: int, ended: bool) -> None:
         """The JSON 400 HTTP/1.1 answers, on this stream only; twisted.web never sees the request."""
+        self._log_answer(400)
         body = BAD_REQUEST.body()
         conn = self.conn
         try:
@@ -490,6 +497,7 @@ class ForwardH2Connection(TwistedH2Connection):
         if stream_id not in self.streams:
             return
         error = errors.body_timeout(self.body_timeout)
+        self._log_answer(error.status)
         body = error.body()
         try:
             fits = self.conn.local_flow_control_window(stream_id) >= len(body)

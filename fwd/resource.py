@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 
+from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from fwd import access, errors
+from fwd import errors
 from fwd.answers import JSON, send_error
 from fwd.exchange import Exchange
 from fwd.gateway import Gateway
+from fwd.intake import Facts, Target, read_request
 
 
 class ForwardResource(Resource):
@@ -55,30 +57,27 @@ class ForwardResource(Resource):
                 send_error(request, refusal)
                 return NOT_DONE_YET
         active, admission = request.admission
-        refusal = self._model_refusal(request, admission)
-        if refusal is not None:
-            send_error(request, refusal)
-            return NOT_DONE_YET
-        exchange = Exchange(self.gateway, active, admission, request, mounted_at=len(request.prepath))
-        request.notifyFinish().addErrback(exchange.client_lost)
-        exchange.start()
+        target = Target.of(request, mounted_at=len(request.prepath))
+        reading = read_request(self.gateway, request, admission, target)
+        if reading.called:
+            self._forward(reading.result, request, active, admission, target)
+        else:
+            # A large body is still being read in slices: a client leaving meanwhile stops that.
+            request.notifyFinish().addErrback(lambda _: reading.cancel())
+            reading.addCallback(self._forward, request, active, admission, target)
+            reading.addErrback(lambda reason: reason.trap(defer.CancelledError))
         return NOT_DONE_YET
 
-
-    @staticmethod
-    def _model_refusal(request, admission) -> errors.ProxyError | None:
-        forward_key = admission.decision.forward_key
-        if forward_key is None or forward_key.models is None:
-            return None
-        content = request.content
-        content.seek(0)
-        body = content.read()
-        ctype = request.requestHeaders.getRawHeaders(b"content-type", [None])[0]
-        model = access.request_model(body, ctype, request.path.decode("latin-1"))
-        # Reading (listing models, fetching a file) names no model and uses none; anything else must.
-        if not forward_key.allows(model) and not (model is None and request.method in (b"GET", b"HEAD")):
-            return errors.model_denied(model)
-        return None
+    def _forward(self, facts: Facts, request, active, admission, target) -> None:
+        """Forward the request once what its body says is known (or answer the refusal it earned)."""
+        if facts.refusal is not None:
+            send_error(request, facts.refusal)
+            return
+        if getattr(request, "gone", False):
+            return
+        exchange = Exchange(self.gateway, active, admission, request, target, facts)
+        request.notifyFinish().addErrback(exchange.client_lost)
+        exchange.start()
 
 
 class HealthResource(Resource):

@@ -269,7 +269,8 @@ class ForwardSite(Site):
     def __init__(self, resource, *, clock, max_body_size: int, body_timeout: float, access, **kwargs):
         """`access` access-logs what the site answers itself (see fwd.answers.AccessLog)."""
         kwargs.setdefault("timeout", CONNECTION_IDLE_SECONDS)
-        super().__init__(resource, reactor=clock, **kwargs)
+        # Forms are forwarded as they are, never parsed by twisted.web (it would read a whole upload into memory).
+        super().__init__(resource, reactor=clock, parsePOSTFormSubmission=False, **kwargs)
         self.clock = clock
         self.max_body_size = max_body_size
         self.body_timeout = body_timeout

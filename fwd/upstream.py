@@ -17,7 +17,10 @@ from zope.interface import implementer
 from fwd import private
 
 MAX_PERSISTENT_PER_HOST = 256
-IDLE_CONNECTION_SECONDS = 60
+# An idle upstream connection is closed after this long: shorter than the idle timeout of common upstream
+# front ends (about a minute), so a request is never sent on a connection the upstream is closing, and a
+# burst's descriptors come back soon after it.
+IDLE_CONNECTION_SECONDS = 20
 
 
 @implementer(IAgentEndpointFactory)

@@ -1,7 +1,6 @@
 """Who may use the proxy and with which key; which model a request asks for; which paths reach which route."""
 
 import ipaddress
-import json
 
 import pytest
 
@@ -232,73 +231,6 @@ def multipart(*parts, boundary=b"----fwdBoundary7MA4YWxk"):
         body += b"\r\n" + value + b"\r\n"
     body += b"--" + boundary + b"--\r\n"
     return body, b"multipart/form-data; boundary=" + boundary
-
-
-def test_the_model_is_read_from_a_json_body():
-    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
-    assert access.request_model(body, JSON_TYPE, "/v1/chat/completions") == "gpt-4o-mini"
-    assert access.request_model(b'\n  {"model": "o3"}', None, "/v1/responses") == "o3"
-
-
-@pytest.mark.parametrize(
-    "body",
-    [b'{"model": "gpt-4o', b"not json", b"", b'{"model": 4}', b'["gpt-4o"]', b'{"messages": []}', b"\xff{"],
-)
-def test_a_body_without_a_readable_model_names_none(body):
-    assert access.request_model(body, JSON_TYPE, "/v1/chat/completions") is None
-
-
-def test_a_deeply_nested_body_names_no_model_instead_of_crashing():
-    body = b'{"model": "gpt-4o-mini", "x": ' + b"[" * 100_000
-    assert access.request_model(body, JSON_TYPE, "/v1/chat/completions") is None
-
-
-def test_the_model_is_read_from_a_multipart_body():
-    body, ctype = multipart(
-        (b"file", b"RIFF....WAVEfmt audio bytes", b"speech.wav"),
-        (b"model", b"whisper-1", None),
-        (b"language", b"en", None),
-    )
-    assert access.request_model(body, ctype, "/v1/audio/transcriptions") == "whisper-1"
-
-
-def test_a_quoted_multipart_boundary_is_understood():
-    body, _ = multipart((b"model", b"whisper-1", None), boundary=b"abc def")
-    assert access.request_model(body, b'multipart/form-data; boundary="abc def"', "/v1/x") == "whisper-1"
-
-
-def test_a_model_field_smuggled_inside_an_uploaded_file_is_not_believed():
-    fake = b'Content-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
-    body, ctype = multipart((b"file", b"junk\r\n" + fake, b"a.txt"), (b"model", b"gpt-4o-transcribe", None))
-    assert access.request_model(body, ctype, "/v1/audio/transcriptions") != "whisper-1"
-
-
-def test_a_file_named_model_is_not_the_model_field():
-    body, ctype = multipart((b"file", b"data", b"model"), (b"model", b"whisper-1", None))
-    assert access.request_model(body, ctype, "/v1/audio/transcriptions") == "whisper-1"
-
-
-def test_the_azure_deployment_in_the_path_is_the_model():
-    path = "/openai/deployments/gpt-4o-prod/chat/completions"
-    assert access.request_model(b'{"messages": []}', JSON_TYPE, path) == "gpt-4o-prod"
-    assert access.request_model(b'{"model": "gpt-4o-prod"}', JSON_TYPE, path) == "gpt-4o-prod"
-
-
-@pytest.mark.parametrize(
-    "body, path",
-    [
-        (b'{"model": "gpt-4o-mini", "model": "gpt-4o"}', "/v1/chat/completions"),
-        (b'{"model": "gpt-4o-mini", "Model": "gpt-4o"}', "/v1/chat/completions"),
-        (b'{"model": "gpt-4o-mini"}', "/openai/deployments/gpt-4o/chat/completions"),
-    ],
-)
-def test_a_request_naming_two_models_names_none(body, path):
-    assert access.request_model(body, JSON_TYPE, path) is None
-
-
-def test_two_multipart_model_fields_that_differ_name_none():
-    body, ctype = multipart((b"model", b"whisper-1", None), (b"model", b"gpt-4o-transcribe", None))
-    assert access.request_model(body, ctype, "/v1/audio/transcriptions") is None
 
 
 # Paths and routes -------------------------------------------------------------------------------------------

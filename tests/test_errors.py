@@ -25,7 +25,7 @@ def parsed(error):
         (errors.client_keys_forbidden(), 401, "authentication_error", "invalid_api_key"),
         (errors.bad_proxy_key(), 401, "authentication_error", "invalid_proxy_key"),
         (errors.ip_denied("203.0.113.7"), 403, "permission_error", "ip_denied"),
-        (errors.model_denied("gpt-4o"), 403, "permission_error", "model_not_allowed"),
+        (errors.model_refused("this key may not use the model 'gpt-4o'"), 403, "permission_error", "model_not_allowed"),
         (errors.keys_exhausted(3, rate_limited=True), 429, "rate_limit_error", "rate_limit_exceeded"),
         (errors.keys_exhausted(3, rate_limited=False), 503, "server_error", "no_upstream_key"),
         (errors.upstream_unreachable("http://up", "DNS lookup failed"), 502, "server_error", "upstream_unreachable"),
@@ -47,10 +47,9 @@ def test_messages_tell_the_user_what_to_check():
     assert "DNS lookup failed" in parsed(errors.upstream_unreachable("http://up", "DNS lookup failed"))["message"]
 
 
-def test_a_denied_model_points_at_the_model_parameter():
-    body = parsed(errors.model_denied("gpt-4o"))
-    assert body["param"] == "model" and "'gpt-4o'" in body["message"]
-    assert "name the model" in parsed(errors.model_denied(None))["message"]
+def test_a_refused_model_points_at_the_model_parameter_and_says_why():
+    body = parsed(errors.model_refused("this key may not use the model 'gpt-4o'"))
+    assert body["param"] == "model" and body["message"] == "This key may not use the model 'gpt-4o'."
 
 
 def test_a_path_with_quotes_and_unicode_still_gives_valid_json():

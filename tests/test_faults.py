@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from fwd import config as configuration
 from fwd.headers import CREDENTIALS, HOP_BY_HOP, request_headers, response_headers
 from fwd.site import CONNECTION_IDLE_SECONDS, HEADER_TIMEOUT_SECONDS
+from fwd.upstream import IDLE_CONNECTION_SECONDS
 from fwd.sse import SSEParser
 from tests.support.memory import MemoryProxy, split_response
 from tests.support.processes import DaemonProcess, FakeUpstreamProcess
@@ -1249,6 +1250,14 @@ def test_soak_mixed_traffic_at_high_concurrency_keeps_rss_and_fds_flat_and_every
     assert end_rss <= warm_rss * 1.2 + 16, FIGURES["soak"]
     assert after["client"] == 0 and after["other"] == before["other"], (before, after)
     assert after["upstream"] <= clients, (before, after)
+    # Idle upstream connections close after IDLE_CONNECTION_SECONDS: descriptors come back to where they were.
+    def returned():
+        census = proxy.census()
+        return census if census["total"] <= before["total"] + 2 else None
+
+    settled = wait_until(returned, IDLE_CONNECTION_SECONDS + 10, 0.5)
+    FIGURES["soak"] += f", {settled['total'] if settled else proxy.census()['total']} once idle upstream connections closed"
+    assert settled, (before, proxy.census())
     # Slow-loris heads were cut at the header deadline, with a 408, while the others were served.
     assert len(loris_results) == lorises
     for how, seconds, data in loris_results:

@@ -357,3 +357,12 @@ class KeyPoolTests(SynchronousTestCase):
         d = proxy.client.post("http://proxy.test/v1/batches", data=b"{}", headers={"Authorization": "Bearer fk-bob00001"})
         proxy.flush()
         self.assertEqual(self.successResultOf(d).code, 403, "a POST that names no model is refused")
+
+
+def test_a_form_body_is_forwarded_as_it_is_never_parsed_by_the_proxy():
+    proxy = MemoryProxy()
+    body = b"--a\r\nnot really a part\r\n--a--"
+    head = (b"POST /v1/files HTTP/1.1\r\nHost: p\r\nContent-Type: multipart/form-data; boundary=a\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    proxy.raw(head + body)
+    assert proxy.upstream.received[-1].body == body, "the upstream judges the form, not the proxy"

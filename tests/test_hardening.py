@@ -399,3 +399,109 @@ def test_tls_offers_forward_secret_aead_suites_only_and_refuses_static_rsa_and_c
         with pytest.raises(ssl.SSLError):
             handshake("DEFAULT:@SECLEVEL=0", ssl.TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1_1)
         assert handshake("DEFAULT", ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_3)
+
+
+# -- 4. model allow-lists hold, and their check never stalls the reactor ------------------------------------------
+
+LIMITED_KEY = "fk-hardening-limited-0000000001"
+
+
+def limited_daemon(upstream, tmp_path, *arguments) -> DaemonProcess:
+    config = tmp_path / "limited.toml"
+    config.write_text(
+        f'[[route]]\nbase_url = "{upstream.url}"\napi_keys = ["{POOL_KEY}"]\n'
+        f'forward_keys = [{{ key = "{LIMITED_KEY}", name = "limited", models = ["gpt-4o-mini"] }}, "{FORWARD_KEY}"]\n'
+    )
+    return DaemonProcess(["--config", str(config), *arguments], env={"CHECK_KEYS": "false"})
+
+
+def test_a_limited_key_is_held_to_its_models_through_the_sdk_and_every_way_around_it_is_refused(upstream, tmp_path):
+    import openai
+
+    with limited_daemon(upstream, tmp_path) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=LIMITED_KEY, max_retries=0)
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == "echo: hi"
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        assert refused.value.body["code"] == "model_not_allowed" and "'gpt-4o'" in refused.value.body["message"]
+        with pytest.raises(openai.PermissionDeniedError):
+            client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF....WAVE"))
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            client.batches.create(input_file_id="file-1", endpoint="/v1/chat/completions", completion_window="24h")
+        assert "batches" in refused.value.body["message"].lower()
+        assert [m.id for m in client.models.list()], "reading names no model and is allowed"
+
+        def post(path: bytes, body: bytes, ctype: bytes = b"application/json") -> int:
+            return status_of(raw(proxy.ports[0], b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                 + LIMITED_KEY.encode() + b"\r\nContent-Type: " + ctype
+                                 + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)))
+
+        upstream.reset()
+        tricks = [
+            (b"/v1/chat/completions", b'{"model": "gpt-4o-mini", "model": "gpt-4o"}', b"application/json"),
+            (b"/v1/chat/completions", b'{"model": "gpt-4o-mini", "Mod\\u0065l": "gpt-4o"}', b"application/json"),
+            (b"/openai/Deployments/gpt-4o/chat/completions", b'{"messages": []}', b"application/json"),
+            (b"/openai/%64eployments/gpt-4o/chat/completions", b'{"messages": []}', b"application/json"),
+            (b"/v1/audio/transcriptions",
+             b'--a\r\nContent-Disposition: form-data; name = "model"\r\n\r\ngpt-4o\r\n--a--\r\n',
+             b"multipart/form-data; boundary=a"),
+            (b"/v1/audio/transcriptions",
+             b'--a\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-mini\r\n--a--\r\n',
+             b"multipart/form-data; boundary=a; boundary=b"),
+            (b"/v1/audio/transcriptions",
+             b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o\r\n--b--\r\n',
+             b"multipart/form-data; boundary=a; xboundary=b"),
+            (b"/v1/images/generations", b'{"prompt": "a cat"}', b"application/json"),
+        ]
+        for path, body, ctype in tricks:
+            assert post(path, body, ctype) == 403, (path, body, ctype)
+        assert upstream.received() == [], "no trick reached the upstream"
+
+
+def test_a_10_mb_body_of_three_million_objects_never_stalls_another_clients_stream(upstream, tmp_path):
+    body = b'{"messages": [' + b",".join([b"{}"] * 3_000_000) + b'], "model": "gpt-4o"}'
+    with limited_daemon(upstream, tmp_path, "--max-body-size", "20M") as proxy:
+        pid, port = proxy.process.pid, proxy.ports[0]
+        raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        baseline = rss_kb(pid)
+        peak = [baseline]
+        arrivals: list[float] = []
+        done = threading.Event()
+
+        def stream():
+            chat = b'{"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "tick"}]}'
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + FORWARD_KEY.encode()
+                          + b"\r\nx-fake-chunks: 150\r\nx-fake-interval: 0.02\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(chat), chat))
+                while True:
+                    data = s.recv(65536)
+                    if not data:
+                        break
+                    arrivals.append(time.monotonic())
+                    if b"[DONE]" in data:
+                        break
+
+        def sample():
+            while not done.wait(0.02):
+                peak[0] = max(peak[0], rss_kb(pid))
+
+        watcher = threading.Thread(target=sample)
+        streamer = threading.Thread(target=stream)
+        watcher.start()
+        streamer.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        answer = raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + LIMITED_KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body, timeout=30)
+        checked = time.monotonic()
+        streamer.join(30)
+        done.set()
+        watcher.join()
+    assert status_of(answer) == 403 and b"'gpt-4o'" in answer
+    during = [b - a for a, b in zip(arrivals, arrivals[1:]) if started <= a <= checked]
+    assert during, "the stream ran while the body was checked"
+    assert max(during) < 0.1, f"another client's stream stalled {max(during) * 1000:.0f} ms"
+    assert (peak[0] - baseline) * 1024 < 3 * len(body), f"RSS grew {(peak[0] - baseline) / 1024:.0f} MB"

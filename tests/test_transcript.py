@@ -334,12 +334,17 @@ def test_odd_shapes_from_upstream_never_raise():
 @given(st.sampled_from(["chat", "completions", "responses", "embeddings"]),
        st.sampled_from(["text/event-stream", "application/json", None]),
        st.lists(st.binary(max_size=40), max_size=8))
-def test_arbitrary_bytes_never_raise(kind, content_type, chunks):
+def test_any_bytes_from_upstream_make_a_record_of_what_was_relayed_within_the_limit(kind, content_type, chunks):
     t = make(kind=kind, limit=64)
     t.response_started(200, content_type, 1)
     for c in chunks:
         t.feed(b"data: " + c + b"\n\n" if c[:1] == b"{" else c)
-    finish(t, partial=True)
+    r = finish(t, partial=True)
+    assert (r["status"], r["partial"]) == (200, True)
+    response = r["response"] or {}
+    for text in (response.get("content"), response.get("text")):
+        assert text is None or len(text) <= 64, "assembled text never exceeds the record limit"
+    assert r["parse_error"] is not None or r["response"] is not None or not any(chunks), "nothing is silently lost"
 
 
 def test_response_started_without_a_status_is_ignored():

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fwd.sse import SSEParser
-from fwd.transcripts.shapes import JSON_ERRORS, Answer, StreamAssembly, clip, loads, upstream_error
+from fwd.transcripts.shapes import JSON_ERRORS, Answer, StreamAssembly, clip, complete_prefix, loads, upstream_error
 
 _KINDS = (
     ("/chat/completions", "chat"),
@@ -59,7 +59,8 @@ class Transcript:
     """One exchange's transcript: fed the response as it is relayed, it yields the record dict at finish.
 
     `request_body` is the request as sent, or its first bytes when `request_size` says it was longer: a record
-    holds at most `limit` of anything, so a huge request is recorded from its start.
+    holds at most `limit` of anything, so a huge request is recorded from its start, with `request_members`
+    (its small top-level parameters, read by the serving process) added.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class Transcript:
         request_content_type: str | None,
         limit: int = DEFAULT_LIMIT,
         request_size: int | None = None,
+        request_members: dict[str, Any] | None = None,
     ) -> None:
         self.kind = kind
         self.uid = uid
@@ -86,6 +88,7 @@ class Transcript:
         self.path = path
         self.request_body = request_body
         self.request_size = len(request_body) if request_size is None else request_size
+        self.request_members = request_members
         self.request_content_type = request_content_type
         self.limit = limit
         self.status: int | None = None
@@ -215,7 +218,12 @@ class Transcript:
     def _request(self) -> tuple[Any, str | None, bool]:
         """The parsed request body (None with a note when it is not JSON) and whether only its start was kept."""
         if self.request_size > len(self.request_body):
-            return _request_start(self.request_body), None, True
+            request = complete_prefix(self.request_body)
+            if not isinstance(request, dict):
+                request = {}
+            for name, value in (self.request_members or {}).items():
+                request.setdefault(name, value)
+            return request, None, True
         try:
             return loads(self.request_body), None, False
         except JSON_ERRORS:
@@ -314,22 +322,6 @@ class Transcript:
                 problems.append("response body is not a recognised response object")
             return answer.response, answer.error, answer.model, answer.usage, False
         return None, None, None, None, False
-
-
-_TOP_STRING = re.compile(rb'"((?:[^"\\]|\\.){1,200})"\s*:\s*("(?:[^"\\]|\\.){0,4000}"|-?[0-9.eE+-]{1,40}|true|false|null)')
-
-
-def _request_start(start: bytes) -> dict[str, Any]:
-    """What the first bytes of a request too long to keep say: its scalar top-level-looking members, e.g.
-    model and temperature (a best effort over a cut body, marked truncated in the record)."""
-    found: dict[str, Any] = {}
-    for match in _TOP_STRING.finditer(start, 0, min(len(start), 64 * 1024)):
-        try:
-            name, value = loads(b'"' + match.group(1) + b'"'), loads(match.group(2))
-        except JSON_ERRORS:
-            continue
-        found.setdefault(name, value)
-    return found
 
 
 class Ended:

@@ -61,6 +61,7 @@ def capture(transcript: Transcript) -> tuple[dict[str, Any], bytes] | None:
         "path": transcript.path,
         "request_content_type": transcript.request_content_type,
         "request_size": transcript.request_size,
+        "request_members": transcript.request_members,
         "limit": transcript.limit,
         "status": transcript.status,
         "content_type": transcript.content_type,
@@ -81,6 +82,7 @@ def rebuild(meta: dict[str, Any], request_body: bytes, response: bytes) -> Trans
         path=meta["path"],
         request_body=request_body,
         request_size=meta.get("request_size"),
+        request_members=meta.get("request_members"),
         request_content_type=meta["request_content_type"],
         limit=meta["limit"],
     )

@@ -4,6 +4,7 @@ shaped, huge requests clipped.  Pure.  Tests: tests/test_transcript.py"""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -77,6 +78,82 @@ def clip(root: Any, limit: int) -> bool:
                 nested.append(value)
         stack.extend(reversed(nested))
     return cut
+
+
+_TOKEN = re.compile(
+    rb'[ \t\n\r]*(?:"((?:[^"\\]|\\.)*)("?)|([\[\]{},:])|(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false|null)(?=[ \t\n\r,\]}:]))'
+)
+_CLOSERS = {ord("["): b"]", ord("{"): b"}"}
+
+
+def complete_prefix(start: bytes) -> Any:
+    """Parse the first bytes of a JSON document cut anywhere: what came before the cut, with an unfinished
+    string value closed and the open containers closed (a transcript keeps the start of a huge request).
+    None when nothing could be read."""
+    stack = bytearray()
+    expect_key = False
+    good = -1  # where the document last was whole up to its open containers
+    open_string = None  # (start of an unterminated string value, its text so far)
+    pos = 0
+    end = len(start)
+    while pos < end:
+        token = _TOKEN.match(start, pos)
+        if token is None:
+            break
+        text, closed, punct, scalar = token.groups()
+        if text is not None:
+            if not closed:
+                if not expect_key and stack:
+                    open_string = (token.start(1) - 1, text)
+                break
+            if expect_key:
+                expect_key = False
+            else:
+                good = token.end()
+        elif scalar is not None:
+            good = token.end()
+        elif punct in (b"[", b"{"):
+            stack.append(punct[0])
+            expect_key = punct == b"{"
+            good = token.end()
+        elif punct in (b"]", b"}"):
+            if not stack:
+                break
+            stack.pop()
+            good = token.end()
+            expect_key = False
+        elif punct == b",":
+            expect_key = bool(stack) and stack[-1] == ord("{")
+        pos = token.end()
+    if open_string is not None:
+        at, text = open_string
+        text = re.sub(rb"\\u?[0-9a-fA-F]{0,3}$|\\$", b"", text)
+        document = start[:at] + b'"' + text + b'"' + _closers(start[:at])
+    elif good > 0:
+        document = start[:good] + _closers(start[:good])
+    else:
+        return None
+    try:
+        return loads(document)
+    except JSON_ERRORS:
+        return None
+
+
+def _closers(prefix: bytes) -> bytes:
+    """The brackets that close what is open at the end of a well-formed prefix."""
+    stack = bytearray()
+    pos = 0
+    while True:
+        token = _TOKEN.match(prefix, pos)
+        if token is None:
+            break
+        punct = token.group(3)
+        if punct in (b"[", b"{"):
+            stack.append(punct[0])
+        elif punct in (b"]", b"}") and stack:
+            stack.pop()
+        pos = token.end()
+    return b"".join(_CLOSERS[c] for c in reversed(stack))
 
 
 def _clip_order(value: Any) -> tuple[int, int]:

@@ -1,0 +1,179 @@
+"""What the gateway reads from a request before it forwards it: where it goes upstream, and what its body says
+(its model, for keys limited to some models; its parameters, for a transcript of a body too big to keep).
+Tests: tests/test_models.py, tests/test_hardening.py
+
+A JSON body's top-level members are found by fwd.jsonscan in slices of bounded work: a slice runs, then the
+reactor serves everyone else, then the next slice.  A 10 MB body of three million tiny objects costs its own
+client a few hundred milliseconds and every other client nothing they would notice; a small body is read in
+one slice, at once.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterable
+
+import attrs
+from twisted.internet import defer, task
+
+from fwd import errors, models
+from fwd.jsonscan import BUDGET, OBJECT, Members, Scanner
+from fwd.transcripts.assembly import DEFAULT_LIMIT, transcript_kind
+
+# The top-level parameters a transcript keeps of a request too big to keep whole (the rest of it is cut).
+TRANSCRIPT_PARAMETERS = (
+    "model", "stream", "temperature", "top_p", "max_tokens", "max_completion_tokens", "max_output_tokens", "n",
+    "stop", "seed", "user", "presence_penalty", "frequency_penalty", "response_format", "tool_choice",
+    "parallel_tool_calls", "reasoning_effort", "reasoning", "service_tier", "store", "stream_options", "logprobs",
+    "top_logprobs", "modalities", "encoding_format", "dimensions", "metadata", "truncation", "background",
+)
+SMALL_VALUE = 4096
+
+
+@attrs.frozen
+class Target:
+    """Where a request goes upstream: its path below the route's mount point, and its query verbatim."""
+
+    rest: bytes
+    query: bytes | None
+
+    @classmethod
+    def of(cls, request, mounted_at: int) -> Target:
+        rest = b"/".join(request.path.split(b"/")[1 + mounted_at :])
+        _, question, query = request.uri.partition(b"?")
+        return cls(rest, query if question else None)
+
+    @property
+    def path(self) -> bytes:
+        """The path the upstream sees below its base URL."""
+        return b"/" + self.rest
+
+
+@attrs.frozen
+class Facts:
+    """What was read from a request: a refusal it earned, or its top-level members (those asked for)."""
+
+    refusal: errors.ProxyError | None = None
+    members: Members | None = None
+
+
+NOTHING_READ = Facts()
+
+
+def cooperator_for(clock) -> task.Cooperator:
+    """A Cooperator whose slices run on `clock` (the reactor, or a Clock in tests), one per reactor turn."""
+    return task.Cooperator(scheduler=lambda run: clock.callLater(0, run))
+
+
+def read_members(body, names: Iterable[str], cooperator: task.Cooperator, budget: int = BUDGET) -> defer.Deferred:
+    """The requested top-level members of a JSON body (bytes, or a memory map of a spooled one); fires at
+    once for a body read in one slice, and stops reading when cancelled."""
+    scanner = Scanner(body, names, SMALL_VALUE)
+    if scanner.step(budget):
+        return defer.succeed(scanner.result)
+
+    def slices():
+        while not scanner.step(budget):
+            yield None
+
+    reading = cooperator.cooperate(slices())
+
+    def cancel(_):
+        try:
+            reading.stop()
+        except task.TaskDone:
+            pass
+
+    done = defer.Deferred(cancel)
+    def failed(reason):
+        if not done.called and not reason.check(task.TaskStopped):
+            done.errback(reason)
+
+    reading.whenDone().addCallbacks(lambda _: done.called or done.callback(scanner.result), failed)
+    return done
+
+
+def body_size(content) -> int:
+    if content is None:
+        return 0
+    size = getattr(content, "size", None)
+    if size is not None:
+        return size
+    content.seek(0, 2)
+    return content.tell()
+
+
+def body_view(content):
+    """The body as bytes, or a read-only memory map when it was spooled to a file (for forms, which can be
+    large uploads and are read with `find` alone)."""
+    if content is None:
+        return b""
+    view = getattr(content, "view", None)
+    if view is not None:
+        return view()
+    content.seek(0)
+    return content.read()
+
+
+def body_bytes(content) -> bytes:
+    """The whole body in memory (a JSON body is scanned as bytes)."""
+    if content is None:
+        return b""
+    content.seek(0)
+    return content.read()
+
+
+def read_request(gateway, request, admission, target: Target) -> defer.Deferred:
+    """Read what forwarding this request needs from its body: a Deferred of its Facts."""
+    forward_key = admission.decision.forward_key
+    limited = forward_key is not None and forward_key.models is not None
+    size = body_size(request.content)
+    names: list[str] = []
+    headers = request.requestHeaders
+    kind = models.body_kind(headers.getRawHeaders(b"content-type"), headers.getRawHeaders(b"content-encoding"), size)
+    named = models.NOTHING
+    view = b""
+    if limited:
+        named = models.path_named(target.path) + models.query_named(target.query)
+        if kind.startswith("refuse:"):
+            named = named + models.refused(kind.removeprefix("refuse:"))
+        elif kind == "form":
+            view = body_view(request.content)
+            named = named + models.form_named(view, headers.getRawHeaders(b"content-type")[0])
+        elif kind == "json":
+            names.append(models.MODEL)
+    if (
+        kind == "json" and size > DEFAULT_LIMIT and gateway.log_chat and request.method == b"POST"
+        and transcript_kind(request.path.decode("latin-1"))
+    ):
+        names += [name for name in TRANSCRIPT_PARAMETERS if name not in names]
+    if not names:
+        _close(view)
+        return defer.succeed(_judged(forward_key, request.method, target, named, None) if limited else NOTHING_READ)
+    _close(view)
+    view = body_bytes(request.content)
+    reading = read_members(view, names, gateway.cooperator)
+
+    def judged(members: Members) -> Facts:
+        _close(view)
+        if not limited:
+            return Facts(members=members)
+        return _judged(forward_key, request.method, target, named + models.json_named(members), members)
+
+    def failed(reason):
+        _close(view)
+        return reason
+
+    return reading.addCallbacks(judged, failed)
+
+
+def _judged(forward_key, method: bytes, target: Target, named: models.Named, members: Members | None) -> Facts:
+    why = models.decide(forward_key.models, method, target.path, named)
+    if why is not None:
+        return Facts(refusal=errors.model_refused(why))
+    return Facts(members=members if members is not None and members.kind == OBJECT else None)
+
+
+def _close(view) -> None:
+    if isinstance(view, mmap.mmap):
+        view.close()
