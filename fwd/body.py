@@ -139,20 +139,20 @@ class RequestBody:
             self._file = None
 
 
-def body_producer(content, size: int | None = None) -> IBodyProducer | None:
+def body_producer(content, cooperator: task.Cooperator) -> IBodyProducer:
     """An IBodyProducer sending a request body upstream: in one write when it is in memory, else read from
-    its file in pieces with the upstream's backpressure.  `content` is a RequestBody or any file-like body
-    (twisted.web's BytesIO or temporary file)."""
+    its file in pieces, one per slice of `cooperator`, with the upstream's backpressure.  `content` is a
+    RequestBody or any file-like body (twisted.web's BytesIO or temporary file)."""
     if isinstance(content, RequestBody):
         if not content.spooled:
             return BytesProducer(content.getvalue())
-        return FileProducer(content, content.size)
+        return FileProducer(content, content.size, cooperator)
     content.seek(0, os.SEEK_END)
-    length = content.tell() if size is None else size
+    length = content.tell()
     if length <= SPOOL_AT:
         content.seek(0)
         return BytesProducer(content.read())
-    return FileProducer(content, length)
+    return FileProducer(content, length, cooperator)
 
 
 @implementer(IBodyProducer)
@@ -182,9 +182,10 @@ class FileProducer:
     """A request body in a file, written in READ_SIZE pieces, one per reactor turn, from its start each time
     it is produced (a replay on the next key sends it again)."""
 
-    def __init__(self, content, length: int):
+    def __init__(self, content, length: int, cooperator: task.Cooperator):
         self.content = content
         self.length = length
+        self.cooperator = cooperator
         self._task = None
 
     def startProducing(self, consumer):
@@ -202,7 +203,7 @@ class FileProducer:
                 consumer.write(data)
                 yield None
 
-        self._task = task.cooperate(pieces())
+        self._task = self.cooperator.cooperate(pieces())
         return self._task.whenDone().addCallback(lambda _: None)
 
     def pauseProducing(self):

@@ -61,6 +61,9 @@ def build_service(
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
+    reload_service = Reload(None, reactor) if load is not None and inherited is None else None
+    if reload_service is not None:
+        reload_service.setServiceParent(top)  # first: its SIGHUP handler is in place before any port listens
     connections = UpstreamConnections(reactor)
     agent = upstream_agent(reactor, config.timeout, connections)
     transcripts = transcript_service(config.log_chat, config.log_dir, reactor) if inherited is None else None
@@ -86,8 +89,8 @@ def build_service(
     key_check = KeyCheckService(gateway, HTTPClient(agent), reactor)
     key_check.setServiceParent(top)
     top.reloader = serving_reloader(gateway, root, site, load or (lambda: gateway.config), key_check)
-    if load is not None and inherited is None:
-        Reload(top.reloader, reactor).setServiceParent(top)
+    if reload_service is not None:
+        reload_service.reloader = top.reloader
     if hasattr(reactor, "callWhenRunning"):
         reactor.callWhenRunning(tune_gc)
     StartupReport(config, describe=inherited is None).setServiceParent(top)

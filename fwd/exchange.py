@@ -132,7 +132,7 @@ class Exchange:
         method = self.request.method
         producer = None
         if self.body_size or method in (b"POST", b"PUT", b"PATCH"):
-            producer = body_producer(self.body, self.body_size) if self.body is not None else BytesProducer(b"")
+            producer = body_producer(self.body, self.gateway.cooperator) if self.body is not None else BytesProducer(b"")
         d = self.gateway.agent.request(method, self.url, Headers(dict(outcome)), producer)
         d.addTimeout(self.config.timeout, self.clock, onTimeoutCancel=self._timed_out)
         self.pending = d

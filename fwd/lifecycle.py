@@ -128,8 +128,9 @@ class Reload(service.Service):
         self.reactor = reactor
         self.previous = None
 
-    def startService(self):
-        super().startService()
+    def privilegedStartService(self):
+        # Before the listeners bind: a SIGHUP sent as soon as the daemon listens is a reload, never a kill.
+        super().privilegedStartService()
         self.previous = signal.signal(signal.SIGHUP, self._signalled)
 
     def stopService(self):

@@ -94,6 +94,7 @@ class Supervisor(service.Service):
 
     def privilegedStartService(self):
         super().privilegedStartService()
+        self.previous_hup = signal.signal(signal.SIGHUP, self._hangup)
         placeholder = protocol.Factory.forProtocol(protocol.Protocol)
         placeholder.noisy = False
         for description, endpoint in self.endpoints:
@@ -103,7 +104,6 @@ class Supervisor(service.Service):
 
     def startService(self):
         super().startService()
-        self.previous_hup = signal.signal(signal.SIGHUP, self._hangup)
         for number in range(1, self.config.workers + 1):
             self.spawn(number)
 

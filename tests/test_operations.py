@@ -387,6 +387,7 @@ def ops(upstream):
         "OPENAI_API_KEY": " ".join(POOL_KEYS),
         "FORWARD_KEY": FORWARD_KEY,
         "METRICS_PORT": "tcp:0:interface=127.0.0.1",
+        "CHECK_KEYS": "false",  # these tests count what reaches the upstream
     }
     proxy = DaemonProcess(env=env)
     proxy.start(expect_ports=2)
@@ -700,13 +701,12 @@ def run_commands():
 def test_openai_forward_run_serves_with_the_seeds_command_line(upstream, tmp_path, command):
     port = free_port()
     pool, forward = "sk-cli-pool-key-5555", "fk-cli-forward-key-5555"
-    proxy = DaemonProcess(cwd=str(tmp_path))
-    proxy.process = subprocess.Popen(
+    proxy = DaemonProcess(cwd=str(tmp_path)).watch(subprocess.Popen(
         [*command, "run", f"--port=tcp:{port}:interface=127.0.0.1", f"--base_url={upstream.url}", f"--api_key={pool}",
          f"--forward_key={forward}", "--route_prefix=/cli", "--log_chat=true"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env=DaemonProcess.base_env({}), cwd=tmp_path,
-    )
+    ))
     try:
         assert f"starting on {port}" in proxy.wait_for(f"starting on {port}", timeout=15), proxy.output
         base = f"http://127.0.0.1:{port}"

@@ -49,16 +49,16 @@ def test_workers_share_the_port_and_a_dead_worker_is_replaced(upstream, tmp_path
         for n in range(4):
             client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"hi {n}"}])
 
-        victim = sorted(pids)[0]
-        os.kill(victim, signal.SIGKILL)
-        replaced = wait_until(lambda: (now := serving_pids(proxy.url, 20)) and victim not in now and len(now) == 2 and now)
-        assert replaced and victim not in replaced and len(replaced) == 2
-
         chat_log = tmp_path / "Log" / "chat.jsonl"
         records = wait_until(lambda: chat_log.exists() and len(chat_log.read_text().splitlines()) >= 4 and chat_log)
         assert records, "every worker's transcripts land in the one chat.jsonl"
         contents = sorted(json.loads(line)["response"]["content"] for line in chat_log.read_text().splitlines())
         assert contents == [f"echo: hi {n}" for n in range(4)]
+
+        victim = sorted(pids)[0]
+        os.kill(victim, signal.SIGKILL)
+        replaced = wait_until(lambda: (now := serving_pids(proxy.url, 20)) and victim not in now and len(now) == 2 and now)
+        assert replaced and victim not in replaced and len(replaced) == 2
         log = proxy.wait_for("exited")
         assert "starting it again" in log
         assert "POST /v1/chat/completions 200" in log, "workers' access lines reach the supervisor's log"

@@ -197,19 +197,17 @@ class DaemonProcess:
         if self.cwd is None:
             self._owned_dir = tempfile.TemporaryDirectory(prefix="fwd-daemon-")
             self.cwd = self._owned_dir.name
-        self.process = subprocess.Popen(
-            [*twistd_command(), *self.twistd, "openai-forward", *self.arguments],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=self.base_env(self.env),
-            cwd=self.cwd,
-            start_new_session=True,  # its own process group, like a daemon started from a shell
+        self.watch(
+            subprocess.Popen(
+                [*twistd_command(), *self.twistd, "openai-forward", *self.arguments],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self.base_env(self.env),
+                cwd=self.cwd,
+                start_new_session=True,  # its own process group, like a daemon started from a shell
+            )
         )
-        self._arrived = threading.Condition()
-        self._ended = False
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
         deadline = time.monotonic() + self.timeout
         found = re.compile(rb"starting on (\d+)")
         while len(self.ports) < expect_ports:
@@ -218,6 +216,15 @@ class DaemonProcess:
                 raise RuntimeError(f"openai-forward did not start:\n{self.output}")
             self.ports = [int(p) for p in found.findall(self._output)]
         self.url = f"http://127.0.0.1:{self.ports[0]}"
+        return self
+
+    def watch(self, process: subprocess.Popen) -> DaemonProcess:
+        """Follow a daemon process started some other way (its stdout a pipe, stderr joined to it)."""
+        self.process = process
+        self._arrived = threading.Condition()
+        self._ended = False
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
         return self
 
     def _drain(self) -> None:
