@@ -2,7 +2,10 @@
 """Side-by-side benchmark: this project (fwd) vs openai-forward 0.8.1 vs nginx.
 
     python benchmarks/run.py [--duration 5] [--rounds 2] [--only fwd,reference,nginx]
-                             [--json out.json] [--pin] [--fwd-env LOG_CHAT=true]
+                             [--json out.json] [--pin] [--fwd-env LOG_CHAT=true] [--baseline REV]
+
+Columns: fwd (this checkout as installed), fwd+chat (transcripts on), fwd@REV (the code of git revision
+REV, from --baseline, for a before/after in one run), reference (openai-forward 0.8.1), nginx.
 
 Starts benchmarks/upstream.py (fake OpenAI upstream) and the three proxies on
 their own 127.0.0.1 ports, all pointing at that upstream, then measures, rounds
@@ -44,7 +47,8 @@ HERE = Path(__file__).resolve().parent
 UPSTREAM_PY = HERE / "upstream.py"
 REF_VENV = HERE / ".venv-reference"
 REF_PKGS = ["openai-forward==0.8.1", "pyyaml"]  # it imports yaml without declaring it
-PROXIES = ("fwd", "fwd+chat", "reference", "nginx")  # fwd+chat: this proxy with LOG_CHAT=true
+# fwd+chat: this proxy with LOG_CHAT=true; fwd@REV: the revision given with --baseline
+PROXIES = ("fwd", "fwd+chat", "fwd@", "reference", "nginx")
 HOST = "127.0.0.1"
 
 CHAT_BODY = '{"model":"gpt-3.5-turbo","messages":[{"role":"user","content":"Say hello in one short sentence."}]}'
@@ -166,6 +170,20 @@ def rss_kb(pids):
     return total
 
 
+def cpu_seconds(pids):
+    """User + system CPU seconds used so far by these processes (from /proc)."""
+    total = 0
+    for p in pids:
+        try:
+            with open("/proc/%d/stat" % p, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def serving_pids(proc):
     """The proxy's processes: the whole tree under the started pid, minus a `taskset` wrapper (it execs)."""
     return tree_pids(proc.pid)
@@ -212,6 +230,21 @@ def fwd_command(args, port, up_port, extra_env=()):
         k, _, v = kv.partition("=")
         env[k] = v
     return (cmd, env), None
+
+
+def checkout(rev, tmp):
+    """The files of git revision `rev` of this repository in a temp directory, or an error."""
+    tree = os.path.join(tmp, "fwd@" + rev.replace("/", "_"))
+    if os.path.isdir(tree):
+        return tree, None
+    os.makedirs(tree)
+    try:
+        archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", rev], capture_output=True, check=True,
+                                 timeout=60)
+        subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True, timeout=60)
+    except (subprocess.SubprocessError, OSError) as e:
+        return None, "cannot check out %s: %s" % (rev, getattr(e, "stderr", b"") or e)
+    return tree, None
 
 
 def ensure_reference_venv():
@@ -361,6 +394,7 @@ def run_wrk(url, script, conns, duration, threads, cpus):
     if m:
         res["bad_streams"] = int(m.group(1))
         done = res.get("requests", 0) - res["bad_streams"]
+        res["completed"] = done
         res["completed_per_s"] = done / res["seconds"] if res.get("seconds") else None
         res["errors"] = res["bad_streams"] + res["socket_errors"]
     return res
@@ -635,6 +669,13 @@ def slow_reader(port, pids_fn, seconds, size):
             "received_mb": got / 1048576.0, "seconds": round(elapsed, 2)}
 
 
+def per_request(result, cpu, count_key):
+    """Add the proxy's CPU time per request (or completed stream) of a wrk run, in microseconds."""
+    count = result.get(count_key)
+    if isinstance(count, (int, float)) and count > 0:
+        result["cpu_us"] = cpu / count * 1e6
+
+
 # --------------------------------------------------------------------------- report
 
 METRICS = [
@@ -643,7 +684,9 @@ METRICS = [
     ("plain errors", "plain", "errors", "lower", "%.0f"),
     ("plain p50 ms (wrk)", "plain", "p50_ms", "lower", "%.2f"),
     ("plain p99 ms (wrk)", "plain", "p99_ms", "lower", "%.2f"),
+    ("CPU µs per plain request", "plain", "cpu_us", "lower", "%.0f"),
     ("completed streams/s", "streams", "completed_per_s", "higher", "%.0f"),
+    ("CPU µs per completed stream", "streams", "cpu_us", "lower", "%.0f"),
     ("stream errors", "streams", "errors", "lower", "%.0f"),
     ("added latency p50 ms", "latency", "added_p50_ms", "lower", "%.3f"),
     ("added latency p99 ms", "latency", "added_p99_ms", "lower", "%.3f"),
@@ -670,13 +713,7 @@ def value_of(rounds, section, key):
 def render(results, names, fmt_notes):
     cols = names + (["upstream"] if results.get("upstream") else [])
     head = ["metric"] + cols
-    ratios = []
-    if "fwd" in names and "fwd+chat" in names:
-        ratios.append(("fwd/fwd+chat", "fwd+chat"))
-    if "fwd" in names and "reference" in names:
-        ratios.append(("fwd/reference", "reference"))
-    if "fwd" in names and "nginx" in names:
-        ratios.append(("fwd/nginx", "nginx"))
+    ratios = [("fwd/" + n, n) for n in names if n != "fwd"] if "fwd" in names else []
     head += [r[0] for r in ratios]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, section, key, better, fmt in METRICS:
@@ -715,6 +752,8 @@ def main(argv=None):
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--fwd-cmd", help="override the fwd command; {port} {upstream} {python} are substituted")
     ap.add_argument("--fwd-env", action="append", default=[], metavar="KEY=VAL", help="extra env for fwd (repeatable)")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="git revision to run as the column fwd@REV beside fwd (e.g. main~3, a commit hash)")
     ap.add_argument("--reference-aifd", action="store_true",
                     help="run the reference literally as `aifd run --port N` (binds 0.0.0.0)")
     ap.add_argument("--pin", action="store_true",
@@ -731,7 +770,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     names = [n.strip() for n in args.only.split(",") if n.strip()]
-    bad = [n for n in names if n not in PROXIES]
+    if args.baseline and not any(n.startswith("fwd@") for n in names):
+        names.insert(1 if "fwd" in names else 0, "fwd@" + args.baseline)
+    bad = [n for n in names if n not in PROXIES and not n.startswith("fwd@")]
     if bad:
         ap.error("unknown proxy %s (choose from %s)" % (bad, ", ".join(PROXIES)))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -788,6 +829,9 @@ def main(argv=None):
                 spec, err = fwd_command(args, port, up_port)
             elif name == "fwd+chat":
                 spec, err = fwd_command(args, port, up_port, ["LOG_CHAT=true", "LOG_DIR=Log"])
+            elif name.startswith("fwd@"):
+                tree, err = checkout(name[4:], tmp)
+                spec, err = (None, err) if err else fwd_command(args, port, up_port, ["PYTHONPATH=" + tree])
             elif name == "reference":
                 spec, err = reference_command(args, port, up_port)
             else:
@@ -874,10 +918,15 @@ def main(argv=None):
                     continue
                 port = results["proxies"][name]["port"]
                 r = {}
+                pids = pids_of(name)
                 if "plain" not in skip:
+                    used = cpu_seconds(pids())
                     r["plain"] = run_wrk(url % port, plain_lua, 32, args.duration, args.wrk_threads, pin_load)
+                    per_request(r["plain"], cpu_seconds(pids()) - used, "requests")
                 if "streams" not in skip:
+                    used = cpu_seconds(pids())
                     r["streams"] = run_wrk(url % port, stream_lua, 200, args.duration, args.wrk_threads, pin_load)
+                    per_request(r["streams"], cpu_seconds(pids()) - used, "completed")
                 if "latency" not in skip:
                     r["latency"] = added_latency(port, up_port, args.latency_n, 30)
                     r["ttfc"] = added_ttfc(port, up_port, 20)

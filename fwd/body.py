@@ -77,8 +77,9 @@ class RequestBody:
         self._release()
 
     def _release(self) -> None:
-        self.budget.used -= self._held
-        self._held = 0
+        if self._held:
+            self.budget.used -= self._held
+            self._held = 0
         self._parts = []
 
     def getvalue(self) -> bytes:
@@ -132,6 +133,8 @@ class RequestBody:
 
     def close(self) -> None:
         """Give back the memory or the file."""
+        if self.closed:
+            return
         self.closed = True
         self._release()
         if self._file is not None:

@@ -23,6 +23,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from fwd import access, errors, keys
 from fwd.answers import send_error
 from fwd.body import BytesProducer, RequestBody, body_producer
+from fwd.intake import body_size
 from fwd.headers import clean_phrase, is_event_stream, response_headers, upstream_headers
 from fwd.masking import KeyMasker
 from fwd.relay import Collect, Discard, Relay, abort
@@ -76,10 +77,8 @@ class Exchange:
         self.transcript: Transcript | None = None
         self.facts = facts
         self.url = active.upstream_url(target.rest, target.query)
-        self.body = request.content
-        if self.body is not None:
-            self.body.seek(0, os.SEEK_END)
-        self.body_size = self.body.tell() if self.body is not None else 0
+        self.body = body = request.content
+        self.body_size = body_size(body)
         self.headers = upstream_headers(
             request.requestHeaders.getAllRawHeaders(),
             hop_prefix=gateway.hop_prefix,

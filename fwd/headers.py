@@ -66,15 +66,15 @@ def response_headers(
     """The upstream's headers to send to the client: no hop-by-hop header, none that the upstream's
     `Connection` header (`connection`, when the agent keeps it apart) names, and no CR, LF or NUL in a value."""
     headers = [(name.lower(), values) for name, values in headers]
-    drop = RESPONSE_DROP | connection_tokens(connection)
+    drop = RESPONSE_DROP | connection_tokens(connection) if connection else RESPONSE_DROP
     for name, values in headers:
         if name == b"connection":
             drop = drop | connection_tokens(values)
-    return [
-        (name, [value.translate(None, _BREAKING) for value in values])
-        for name, values in headers
-        if name not in drop
-    ]
+    kept = [(name, values) for name, values in headers if name not in drop]
+    every = b"".join(value for _, values in kept for value in values)
+    if len(every.translate(None, _BREAKING)) == len(every):
+        return kept
+    return [(name, [value.translate(None, _BREAKING) for value in values]) for name, values in kept]
 
 
 def clean_phrase(phrase: bytes) -> bytes:

@@ -127,6 +127,8 @@ def read_request(gateway, request, admission, target: Target) -> defer.Deferred:
     """Read what forwarding this request needs from its body: a Deferred of its Facts."""
     forward_key = admission.decision.forward_key
     limited = forward_key is not None and forward_key.models is not None
+    if not limited and not gateway.log_chat:
+        return defer.succeed(NOTHING_READ)
     size = body_size(request.content)
     names: list[str] = []
     headers = request.requestHeaders

@@ -66,7 +66,7 @@ class Relay(Protocol):
         self.transcript = exchange.transcript
         self.timed_out = False
         self.idle = None
-        self.stall = None
+        self.paused = False
         self.send = self._first_write
         masker = exchange.masker
         self.masker = masker if masker is not None and masker.keys else None
@@ -92,9 +92,8 @@ class Relay(Protocol):
         exchange.sent += len(data)
         if self.transcript is not None:
             self.transcript.feed(data)
-        idle = self.idle
-        if idle.active():
-            idle.reset(self.idle_timeout)
+        if not self.paused:  # bytes a paused upstream still delivers are no progress for a client not reading
+            self.idle.reset(self.idle_timeout)
 
     def _first_write(self, data: bytes) -> None:
         """The first write sends the headers; later ones can skip twisted.web's per-write bookkeeping."""
@@ -121,47 +120,37 @@ class Relay(Protocol):
                 self.transcript.feed(rest)
 
     def connectionLost(self, reason):
-        for call in (self.idle, self.stall):
-            if call is not None and call.active():
-                call.cancel()
+        if self.idle is not None and self.idle.active():
+            self.idle.cancel()
         self.exchange.body_done(reason)
 
     def _silent(self):
+        """Nothing was relayed for IDLE_TIMEOUT: the client read nothing (we are paused), or the upstream
+        sent nothing."""
+        if self.paused:
+            self.exchange.client_stalled()
+            return
         self.timed_out = True
         self.stop()
 
     # IPushProducer: the client's side pauses and resumes us; the upstream socket follows.
 
     def pauseProducing(self):
+        self.paused = True
         if self.transport is not None:
             self.transport.pauseProducing()
-        if self.stall is None:
-            self.stall = self.exchange.clock.callLater(self.exchange.config.idle_timeout, self._stalled)
-            if self.idle is not None and self.idle.active():
-                self.idle.cancel()  # the upstream is silent because we paused it
 
     def resumeProducing(self):
-        if self.stall is not None:
-            if self.stall.active():
-                self.stall.cancel()
-            self.stall = None
-            if self.idle is not None and not self.idle.active():
-                self.idle = self.exchange.clock.callLater(self.idle_timeout, self._silent)
+        self.paused = False
         if self.transport is not None:
             self.transport.resumeProducing()
 
     def stopProducing(self):
         self.stop()
 
-    def _stalled(self):
-        """The client read nothing for the stall timeout: give up on it."""
-        self.stall = None
-        self.exchange.client_stalled()
-
     def stop(self):
         """Stop reading the upstream body and close its connection."""
-        for call in (self.idle, self.stall):
-            if call is not None and call.active():
-                call.cancel()
+        if self.idle is not None and self.idle.active():
+            self.idle.cancel()
         if self.transport is not None:
             self.transport.stopProducing()

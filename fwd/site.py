@@ -34,6 +34,7 @@ CONNECTION_IDLE_SECONDS = 75
 # A request head (request line and headers) must be complete this long after its first byte arrived.
 HEADER_TIMEOUT_SECONDS = 20
 
+_CONTROL = bytes(c for c in range(32) if c != 9) + b"\x7f"
 # RFC 9110 5.6.2: a method is a token.
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # What an upstream agent accepts in a target: printable ASCII, no space.
@@ -61,12 +62,13 @@ class ForwardRequest(Request):
     head_resource = None
     admission = None
     received = 0
-    body_deadline = None
     exchange = None
+    gone = False
 
     def gotLength(self, length):
         """The head is complete: find the resource, let it judge the head, and decide where the body goes."""
         site = self.channel.site
+        self.started = site.clock.seconds()
         head = http2.request_line(self.channel)
         method, target, version = head if head is not None else (None, None, None)
         refusal = bad_head(method, target)
@@ -74,7 +76,8 @@ class ForwardRequest(Request):
             self.method, self.uri, self.clientproto = method, target, version
             self.path = target.split(b"?", 1)[0]
             self.prepath = []
-            self.postpath = [unquote_to_bytes(segment) for segment in self.path[1:].split(b"/")]
+            segments = self.path[1:].split(b"/")
+            self.postpath = [unquote_to_bytes(s) for s in segments] if b"%" in self.path else segments
             resource = site.getResourceFor(self)
             self.head_resource = resource
             judge = getattr(resource, "judge_head", None)
@@ -87,9 +90,10 @@ class ForwardRequest(Request):
             self.refuse(refusal, body_follows=length != 0)
             return
         self.content = RequestBody()
-        if length != 0 and isinstance(self.channel, HTTPChannel):
-            # Over HTTP/2 the connection keeps each stream's body deadline (fwd.http2).
-            self.body_deadline = site.clock.callLater(site.body_timeout, self._body_stalled)
+        if length != 0 and isinstance(self.channel, ForwardChannel):
+            # The body must keep moving: the connection's idle timeout, which every byte resets, becomes
+            # BODY_TIMEOUT until the body is complete.  Over HTTP/2 the connection keeps a deadline per stream.
+            self.channel.expect_body(site.body_timeout)
 
     def handleContentChunk(self, data):
         content = self.content
@@ -98,28 +102,18 @@ class ForwardRequest(Request):
         self.received += len(data)
         site = self.channel.site
         if self.received > site.max_body_size:
-            self._stop_body_deadline()
             content.close()
             self.content = None
             self.refuse(errors.body_too_large(site.max_body_size), body_follows=True)
             return
         content.write(data)
-        if self.body_deadline is not None:
-            self.body_deadline.reset(site.body_timeout)
 
-    def _body_stalled(self):
+    def body_stalled(self):
         """The body stopped moving: answer 408 and close the connection."""
-        self.body_deadline = None
         if self.content is not None:
             self.content.close()
             self.content = None
         self.refuse(errors.body_timeout(self.channel.site.body_timeout), body_follows=True)
-
-    def _stop_body_deadline(self):
-        if self.body_deadline is not None:
-            if self.body_deadline.active():
-                self.body_deadline.cancel()
-            self.body_deadline = None
 
     def refuse(self, error: errors.ProxyError, body_follows: bool) -> None:
         """Answer `error` without reading the body.  Over HTTP/1.1 a body still on its way is not worth
@@ -147,7 +141,6 @@ class ForwardRequest(Request):
             site.clock.callLater(0, answers.send_error, self, error)
 
     def requestReceived(self, command, path, version):
-        self._stop_body_deadline()
         if self.answered_early:
             return  # answered already, and the connection is closing
         if self.content is None:
@@ -155,8 +148,7 @@ class ForwardRequest(Request):
         super().requestReceived(command, path, version)
 
     def process(self):
-        self.site = site = self.channel.site
-        self.started = site.clock.seconds()
+        self.site = self.channel.site
         if self.refusal is not None:
             return answers.send_error(self, self.refusal)
         try:
@@ -167,7 +159,7 @@ class ForwardRequest(Request):
             answers.send_error(self, errors.internal())
 
     def connectionLost(self, reason):
-        self._stop_body_deadline()
+        self.gone = True
         super().connectionLost(reason)
         if self.content is not None and self.exchange is None:
             self.content.close()
@@ -180,9 +172,10 @@ class ForwardChannel(private.BadRequestHook, HTTPChannel):
     _head_deadline = None
     _in_head = False
     _busy = False
+    _idle_timeout = None
 
     def dataReceived(self, data):
-        if data and self.line_mode and not self._busy:
+        if self._head_deadline is None and data and self.line_mode and not self._busy:
             self._start_head_deadline()
         super().dataReceived(data)
 
@@ -190,7 +183,8 @@ class ForwardChannel(private.BadRequestHook, HTTPChannel):
         if not self._in_head:
             if line:
                 self._in_head = True
-                self._start_head_deadline()
+                if self._head_deadline is None:
+                    self._start_head_deadline()
                 parts = line.split(b" ")
                 self.head_line = (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
         elif line[:1] in (b" ", b"\t"):
@@ -207,7 +201,7 @@ class ForwardChannel(private.BadRequestHook, HTTPChannel):
             # Only a lone `chunked` on HTTP/1.1 frames a body the same way for every hop (RFC 9112 6.1).
             self.bad_request()
             return False
-        if http2.has_control_characters(value):
+        if len(value.translate(None, _CONTROL)) != len(value):
             # Control characters are not field content (RFC 9110 5.5); forwarded, they trip up upstreams.
             self.bad_request()
             return False
@@ -218,7 +212,25 @@ class ForwardChannel(private.BadRequestHook, HTTPChannel):
         self._cancel_head_deadline()
         super().allHeadersReceived()
 
+    def expect_body(self, body_timeout: float) -> None:
+        """A request body is on its way: until it is complete, BODY_TIMEOUT of silence ends the connection.
+        (The idle timer is replaced, not reset to an earlier time: the reactor moves a call made sooner by a
+        linear search of its pending calls.)"""
+        self._idle_timeout = self.setTimeout(None)
+        self.setTimeout(body_timeout)
+
+    def timeoutConnection(self):
+        if self._idle_timeout is not None and self.requests:
+            self.requests[-1].body_stalled()
+            return
+        super().timeoutConnection()
+
     def allContentReceived(self):
+        if self._idle_timeout is not None:
+            # twisted.web saves the timeout here and restores it when the answer is done: the idle one.
+            self.setTimeout(None)
+            self.timeOut = self._idle_timeout
+            self._idle_timeout = None
         self._busy = True
         super().allContentReceived()
 

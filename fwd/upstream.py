@@ -58,5 +58,8 @@ class UpstreamConnections(service.Service):
 
 
 def upstream_agent(reactor, connect_timeout: float, connections: UpstreamConnections) -> Agent:
-    """The Agent of every relayed request: no redirects, no cookies, no content decoding."""
-    return Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, connect_timeout), pool=connections.pool)
+    """The Agent of every relayed request: no redirects, no cookies, no content decoding, and each upstream's
+    origin parsed once (fwd.private.UpstreamAgent)."""
+    return private.UpstreamAgent.usingEndpointFactory(
+        reactor, UpstreamEndpoints(reactor, connect_timeout), pool=connections.pool
+    )
