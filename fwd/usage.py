@@ -531,7 +531,10 @@ class UsageStripper:
         n = len(chunk)
         # One whole one-line event, the shape almost every chunk has: `data: {…,"usage":null}\n\n`, or with
         # only scalar members such as `"obfuscation":"…"` after the usage.
-        if chunk.find(b"\n") == n - 2 and chunk.endswith(b"}\n\n") and chunk.startswith(b"data:"):
+        if (
+            chunk.find(b"\n") == n - 2 and chunk.endswith(b"}\n\n") and chunk.startswith(b"data:")
+            and b"\r" not in chunk
+        ):
             if chunk.endswith(b',"usage":null}\n\n'):
                 self.events += 1
                 return chunk[:-16] + b"}\n\n"

@@ -505,3 +505,63 @@ def test_a_10_mb_body_of_three_million_objects_never_stalls_another_clients_stre
     assert during, "the stream ran while the body was checked"
     assert max(during) < 0.1, f"another client's stream stalled {max(during) * 1000:.0f} ms"
     assert (peak[0] - baseline) * 1024 < 3 * len(body), f"RSS grew {(peak[0] - baseline) / 1024:.0f} MB"
+
+
+# -- 10. the transcript writer stays bounded -----------------------------------------------------------------------
+
+
+def writer_pid(daemon_pid: int) -> int:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    command = f.read()
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if parent == daemon_pid and b"fwd.transcripts.writer" in command:
+                return int(entry)
+    raise AssertionError("no transcript writer")
+
+
+def peak_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+
+
+def test_the_transcript_writer_stays_within_a_few_record_limits_whatever_the_body_size(upstream, tmp_path):
+    env = {"OPENAI_BASE_URL": upstream.url, "LOG_CHAT": "true", "LOG_DIR": str(tmp_path / "Log"),
+           "MAX_BODY_SIZE": "100M"}
+    with DaemonProcess(env=env) as proxy:
+        port = proxy.ports[0]
+        small = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "warm"}]}'
+        raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(small), small))
+        records = tmp_path / "Log" / "chat.jsonl"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (records.exists() and records.read_text()):
+            time.sleep(0.1)
+        writer = writer_pid(proxy.process.pid)
+        before = peak_kb(writer)
+        body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"x" * 72_000_000 + b'"}]}'
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body))
+            s.sendall(body)
+            received = 0
+            s.settimeout(60)
+            while True:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                received += len(chunk)
+                if received > len(body):
+                    break
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and records.read_text().count("\n") < 2:
+            time.sleep(0.2)
+        lines = records.read_text().splitlines()
+        assert len(lines) == 2 and json.loads(lines[1])["truncated"] is True
+        grown = peak_kb(writer) - before
+    assert grown < 8 * 1024, f"the writer grew {grown / 1024:.0f} MB for a 72 MB body"

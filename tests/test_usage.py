@@ -564,3 +564,11 @@ def test_a_json_answer_without_usage_is_estimated_from_its_generated_text():
     assert estimate("audio", 0, b"\xff\xfb\x90\x00 mp3 frames").output_tokens == 0
     assert estimate("embeddings", 40, huge_embeddings(1)) == Usage(10, 0, 10, estimated=True)
     assert estimate("chat", 0) == Usage(0, 0, 0, estimated=True)
+
+
+def test_an_event_ended_by_cr_lines_before_an_lf_one_is_stripped_the_same_in_one_chunk_or_two():
+    event = b'data: {"id":"1","choices":[{"delta":{"content":"a"}}],"usage":null}'
+    stream = event + b"\r\r" + event + b"\n\n"
+    expected = b'data: {"id":"1","choices":[{"delta":{"content":"a"}}]}'
+    assert strip(stream)[0] == expected + b"\r\r" + expected + b"\n\n"
+    assert strip(stream, [1])[0] == strip(stream)[0]
