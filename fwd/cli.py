@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from fwd.config import SETTING_BY_KEY
+from fwd.settings import SETTING_BY_KEY
 
 USAGE = """usage: openai-forward run [--port=8000] [--base_url=URL] [--api_key=KEYS] [--forward_key=KEYS] ...
        openai-forward convert [SRC [DST]]

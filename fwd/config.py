@@ -12,13 +12,10 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
-from fwd.settings import (  # noqa: F401  (re-exported: the rest of the package reads them here)
-    SETTING_BY_KEY,
-    SETTINGS,
+from fwd.settings import (
     SINGLE_ROUTE_KEYS,
     ConfigError,
     Raw,
-    Setting,
     Sources,
     gather,
     mask,
@@ -36,7 +33,6 @@ from fwd.settings import (  # noqa: F401  (re-exported: the rest of the package 
     parse_url,
     read_dotenv,
     read_sources,
-    setting_environ,
     split_list,
 )
 

@@ -23,8 +23,13 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from fwd import access, errors, keys
 from fwd.answers import send_error
 from fwd.body import BytesProducer, RequestBody, body_producer
+from fwd.headers import (
+    clean_phrase,
+    is_event_stream,
+    response_headers,
+    upstream_headers,
+)
 from fwd.intake import body_size
-from fwd.headers import clean_phrase, is_event_stream, response_headers, upstream_headers
 from fwd.masking import KeyMasker
 from fwd.relay import Collect, Discard, Relay, abort
 from fwd.transcripts.assembly import Ended, Transcript, transcript_kind

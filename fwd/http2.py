@@ -52,6 +52,7 @@ from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.logger import Logger
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
+
 from fwd import errors, private
 
 log = Logger(namespace="fwd.http2")

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from fwd import keys
-from fwd.config import mask
+from fwd.settings import mask
 
 log = Logger(namespace="fwd.keycheck")
 

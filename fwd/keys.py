@@ -13,7 +13,7 @@ import attrs
 from twisted.logger import Logger
 
 from fwd import errors
-from fwd.config import mask
+from fwd.settings import mask
 
 FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 60.0

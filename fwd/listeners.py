@@ -13,7 +13,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import failure
 
 from fwd import private
-from fwd.config import ConfigError
+from fwd.settings import ConfigError
 
 LISTEN_BACKLOG = 1024
 

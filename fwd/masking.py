@@ -3,7 +3,7 @@ client nor a transcript may see a pool key.  Pure.  Tests: tests/test_masking.py
 
 from __future__ import annotations
 
-from fwd.config import mask
+from fwd.settings import mask
 
 
 class KeyMasker:

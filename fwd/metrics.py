@@ -12,9 +12,9 @@ from collections import Counter as Tally
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from twisted.application import service
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.application import service
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Site

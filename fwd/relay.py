@@ -10,7 +10,6 @@ from twisted.web.http import HTTPChannel
 from zope.interface import implementer
 
 
-
 def abort(request) -> None:
     """Break the client's connection so a truncated answer never looks complete."""
     channel = request.channel

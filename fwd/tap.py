@@ -9,6 +9,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from fwd import config as configuration
+from fwd import settings
 
 log = Logger(namespace="fwd.startup")
 
@@ -23,7 +24,7 @@ class Options(usage.Options):
     )
     optParameters = [
         [s.name, None, None, f"{s.help} (env {' / '.join(s.envs)}, default {s.default or 'none'})"]
-        for s in configuration.SETTINGS
+        for s in settings.SETTINGS
         if s.name not in ("port", "log-chat")
     ] + [["config", "c", None, "TOML file with [[route]] tables and any of the settings above"]]
     optFlags = [["log-chat", None, "Keep chat transcripts in LOG_DIR/chat.jsonl (env LOG_CHAT)"]]
@@ -47,7 +48,7 @@ class Options(usage.Options):
         self.cli = cli
         self.load = lambda: configuration.load(cli, config_file=self["config"])
         try:
-            self.sources = configuration.read_sources(cli, config_file=self["config"])
+            self.sources = settings.read_sources(cli, config_file=self["config"])
             self.config = configuration.from_sources(self.sources)
         except configuration.ConfigError as e:
             fail(e)

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from fwd import config as configuration
+from fwd import settings
 from fwd.transcripts.events import transcript_publisher
 from fwd.transcripts.line import TranscriptLine, adopt
 from fwd.transcripts.sender import FrameSender
@@ -42,8 +43,8 @@ def read_first_line(fd: int) -> bytes:
     return line
 
 
-def sources_of(line: bytes) -> configuration.Sources:
-    return configuration.Sources.from_json(json.loads(line)["sources"])
+def sources_of(line: bytes) -> settings.Sources:
+    return settings.Sources.from_json(json.loads(line)["sources"])
 
 
 class ControlLine(LineOnlyReceiver):

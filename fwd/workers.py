@@ -24,6 +24,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 
 from fwd import config as configuration
+from fwd import settings
 from fwd.lifecycle import RESTART_ONLY, StartupReport
 from fwd.listeners import listen_now, parse_endpoint
 from fwd.metrics import MetricsService
@@ -40,7 +41,7 @@ TRANSCRIPTS_FD = 3
 CONTROL_FD = 4
 
 
-def control_message(sources: configuration.Sources) -> bytes:
+def control_message(sources: settings.Sources) -> bytes:
     """One line on a worker's control line: the configuration sources to serve."""
     return json.dumps({"sources": sources.to_json()}).encode() + b"\n"
 
@@ -76,7 +77,7 @@ class WorkerProtocol(protocol.ProcessProtocol):
 class Supervisor(service.Service):
     """Binds the listening sockets and keeps N workers serving them with the last good configuration."""
 
-    def __init__(self, sources: configuration.Sources, config: configuration.Config, reactor, transcripts=None):
+    def __init__(self, sources: settings.Sources, config: configuration.Config, reactor, transcripts=None):
         self.sources = sources
         self.config = config
         self.transcripts = transcripts
@@ -175,7 +176,7 @@ class Supervisor(service.Service):
         """Re-read the configuration; on success every worker gets it, on failure nobody does."""
         old = self.sources
         try:
-            sources = configuration.read_sources(old.cli, config_file=old.config_file, dotenv_path=old.dotenv_path)
+            sources = settings.read_sources(old.cli, config_file=old.config_file, dotenv_path=old.dotenv_path)
             config = configuration.from_sources(sources)
         except configuration.ConfigError as problem:
             log.error("reload refused, the running configuration stays: {problem}", problem=str(problem))
@@ -226,7 +227,7 @@ class Supervisor(service.Service):
         return done.addTimeout(grace, self.clock).addErrback(lambda _: self.signal_workers(signal.SIGKILL))
 
 
-def build_supervisor(sources: configuration.Sources, config: configuration.Config, reactor=None):
+def build_supervisor(sources: settings.Sources, config: configuration.Config, reactor=None):
     """The supervisor's services: the workers, plus the transcript writer and /metrics they share."""
     if reactor is None:
         from twisted.internet import reactor

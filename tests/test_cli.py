@@ -2,7 +2,7 @@
 
 import pytest
 
-from fwd import config, tap
+from fwd import config, settings, tap
 from fwd.cli import run_arguments
 
 
@@ -14,7 +14,7 @@ def plugin_settings(monkeypatch, argv):
         seen.update(cli, config_file=config_file)
         return "sources"
 
-    monkeypatch.setattr(config, "read_sources", fake_read)
+    monkeypatch.setattr(settings, "read_sources", fake_read)
     monkeypatch.setattr(config, "from_sources", lambda sources: "loaded" if sources == "sources" else None)
     options = tap.Options()
     options.parseOptions(run_arguments(argv))

@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fwd import config
+from fwd import settings as fwd_settings
 from fwd.config import ConfigError, ForwardKey, load
 
 POOL = "sk-pool-aaaaaaaaaaaaaaaa1111"
@@ -83,7 +84,7 @@ def test_a_bad_value_in_dotenv_is_reported_as_coming_from_dotenv(files):
 
 
 def test_dotenv_understands_comments_export_and_quotes():
-    parsed = config.read_dotenv(
+    parsed = fwd_settings.read_dotenv(
         "# a comment\n"
         "export OPENAI_BASE_URL=http://up:8080\n"
         "OPENAI_API_KEY='sk-a sk-b'\n"
@@ -248,7 +249,7 @@ def test_config_file_route_tables_become_the_routes(files):
     assert (openai.prefix, openai.base_url, openai.kind) == ("/openai", "https://api.openai.com", "openai")
     assert openai.api_keys == (POOL, POOL2)
     alice, bob = openai.forward_keys
-    assert alice.key == FK and alice.name == config.mask(FK) and alice.models is None
+    assert alice.key == FK and alice.name == fwd_settings.mask(FK) and alice.models is None
     assert bob == ForwardKey(FK2, "bob", frozenset({"gpt-4o-mini"}))
     assert bob.allows("gpt-4o-mini") and not bob.allows("gpt-4o") and not bob.allows(None)
     assert (azure.prefix, azure.base_url, azure.kind, azure.api_keys) == (
@@ -338,10 +339,10 @@ def test_describe_never_shows_a_key(files):
 
 
 def test_mask_shows_only_the_kind_of_key_and_its_last_four_characters():
-    assert config.mask("sk-proj-abcdefghijklmnop") == "sk-…mnop"
-    assert config.mask("fk-abcdefghijklmnop") == "fk-…mnop"
-    assert config.mask("az0123456789abcdef") == "…cdef"
-    assert config.mask("sk-short") == "***"
+    assert fwd_settings.mask("sk-proj-abcdefghijklmnop") == "sk-…mnop"
+    assert fwd_settings.mask("fk-abcdefghijklmnop") == "fk-…mnop"
+    assert fwd_settings.mask("az0123456789abcdef") == "…cdef"
+    assert fwd_settings.mask("sk-short") == "***"
 
 
 # Properties -------------------------------------------------------------------------------------------------
@@ -349,17 +350,17 @@ def test_mask_shows_only_the_kind_of_key_and_its_last_four_characters():
 
 @given(st.text())
 def test_read_dotenv_never_crashes_on_any_text(text):
-    parsed = config.read_dotenv(text)
+    parsed = fwd_settings.read_dotenv(text)
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in parsed.items())
 
 
 @given(st.text())
 def test_split_list_never_crashes_and_yields_only_nonempty_separator_free_items(text):
-    for item in config.split_list(text):
+    for item in fwd_settings.split_list(text):
         assert item and "," not in item and not any(c.isspace() for c in item)
 
 
-ENV_NAMES = sorted({name for s in config.SETTINGS for name in s.envs})
+ENV_NAMES = sorted({name for s in fwd_settings.SETTINGS for name in s.envs})
 SECRET_ENVS = ("OPENAI_API_KEY", "FORWARD_KEY", "PROXY_KEY")
 
 
@@ -396,6 +397,6 @@ def test_a_refused_configuration_never_prints_a_key(plain, secrets):
         message = str(e)
         assert len(message.splitlines()) == 1
         for value in secrets.values():
-            for key in config.split_list(value):
+            for key in fwd_settings.split_list(value):
                 if not any(key in other for other in plain.values()):
                     assert key not in message

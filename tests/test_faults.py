@@ -34,10 +34,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from fwd import config as configuration
+from fwd import settings as settings_module
 from fwd.headers import CREDENTIALS, HOP_BY_HOP, request_headers, response_headers
 from fwd.site import CONNECTION_IDLE_SECONDS, HEADER_TIMEOUT_SECONDS
-from fwd.upstream import IDLE_CONNECTION_SECONDS
 from fwd.sse import SSEParser
+from fwd.upstream import IDLE_CONNECTION_SECONDS
 from tests.support.memory import MemoryProxy, split_response
 from tests.support.processes import DaemonProcess, FakeUpstreamProcess
 
@@ -1049,7 +1050,7 @@ HYP_SECRETS = ("sk-hyp-key-00000001", "sk-hyp-key:00000002", "fk-hyp-key-0000000
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(route_table, max_size=3) | toml_value,
-       st.dictionaries(st.sampled_from(sorted(configuration.SETTING_BY_KEY)), toml_value, max_size=4))
+       st.dictionaries(st.sampled_from(sorted(settings_module.SETTING_BY_KEY)), toml_value, max_size=4))
 def test_property_any_config_file_data_is_a_config_or_one_clear_line_without_keys(routes, settings_):
     file_data = {"route": routes, **settings_}
     try:

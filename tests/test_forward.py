@@ -96,7 +96,6 @@ class ForwardingTests(SynchronousTestCase):
         proxy = MemoryProxy()
         transport = proxy.raw(b"GET /v1/big HTTP/1.1\r\nHost: p\r\nx-fake-bytes: 10000000\r\nx-fake-interval: 1\r\n\r\n")
         channel = proxy.raw_protocol.channel
-        relay = channel.requests[0].producer
         channel.pauseProducing()  # the client's socket buffer is full and stays full
         proxy.advance(proxy.config.idle_timeout - 1)
         self.assertFalse(transport.disconnecting)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fwd.config import mask
+from fwd.settings import mask
 from tests.support.network import free_port, make_certificate
 from tests.support.processes import DaemonProcess, FakeUpstreamProcess, twistd_command
 

@@ -15,9 +15,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from fwd import config
-from fwd.config import mask
 from fwd.gateway import Gateway
 from fwd.keycheck import KeyCheck, models_url
+from fwd.settings import mask
 from tests.support.processes import DaemonProcess
 from tests.support.upstream import FakeUpstream
 

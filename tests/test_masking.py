@@ -3,8 +3,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fwd.config import mask
 from fwd.masking import KeyMasker
+from fwd.settings import mask
 
 KEY = "sk-proj-AbCdEfGhIjKlMnOpQrSt1234"
 

@@ -13,7 +13,8 @@ import unicodedata
 import multipart as lenient_multipart
 import openai
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.web.client import FileBodyProducer

@@ -26,10 +26,10 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from fwd import config as configuration
-from fwd.config import mask
 from fwd.daemon import serving_reloader
 from fwd.lifecycle import Drain, Reloader
 from fwd.metrics import Metrics
+from fwd.settings import mask
 from tests.support.memory import MemoryProxy, make_config, split_response
 from tests.support.network import free_port, make_certificate
 from tests.support.processes import DaemonProcess

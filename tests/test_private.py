@@ -1,9 +1,9 @@
 """The private Twisted names the daemon relies on (fwd/private.py) are all there: an upgrade of Twisted that
 drops one fails here, loudly, instead of silently turning off what it was for."""
 
-import twisted
 from twisted.web import http
 
+import twisted
 from fwd import private
 
 

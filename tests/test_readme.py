@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from fwd.config import SETTINGS
+from fwd.settings import SETTINGS
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

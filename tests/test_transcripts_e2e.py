@@ -16,7 +16,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from fwd.config import mask
+from fwd.settings import mask
 from tests.support.processes import DaemonProcess, twistd_command
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,8 @@ import tracemalloc
 
 import orjson
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fwd import usage as usage_module
 from fwd.usage import (

@@ -8,7 +8,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fwd.sse import SSEParser
-from fwd.transcripts.shapes import JSON_ERRORS, Answer, StreamAssembly, clip, complete_prefix, loads, upstream_error
+from fwd.transcripts.shapes import (
+    JSON_ERRORS,
+    Answer,
+    StreamAssembly,
+    clip,
+    complete_prefix,
+    loads,
+    upstream_error,
+)
 
 _KINDS = (
     ("/chat/completions", "chat"),

@@ -19,7 +19,12 @@ from twisted.logger import Logger, LogPublisher, eventFromJSON, globalLogPublish
 from fwd.restarts import RestartBackoff
 from fwd.transcripts.events import transcript_publisher
 from fwd.transcripts.sender import FrameSender
-from fwd.transcripts.writer import MAX_ROTATED, ROTATE_LENGTH, TRANSCRIPT_FILENAME, write_frames
+from fwd.transcripts.writer import (
+    MAX_ROTATED,
+    ROTATE_LENGTH,
+    TRANSCRIPT_FILENAME,
+    write_frames,
+)
 
 STOP_TIMEOUT = 30.0
 
@@ -176,7 +181,7 @@ def transcript_service(log_chat: bool, log_dir: str, reactor) -> TranscriptServi
     """The transcript service when LOG_CHAT is on; an unusable LOG_DIR stops startup with one line."""
     if not log_chat:
         return None
-    from fwd.config import ConfigError
+    from fwd.settings import ConfigError
 
     problem = check_log_dir(log_dir)
     if problem:
