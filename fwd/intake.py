@@ -11,6 +11,7 @@ one slice, at once.
 from __future__ import annotations
 
 import mmap
+import time
 from collections.abc import Iterable
 
 import attrs
@@ -51,18 +52,36 @@ class Target:
 
 @attrs.frozen
 class Facts:
-    """What was read from a request: a refusal it earned, or its top-level members (those asked for)."""
+    """What was read from a request: a refusal it earned, or its top-level members (those asked for), the size
+    of its JSON body (0 for any other body) and that body when it was read into memory."""
 
     refusal: errors.ProxyError | None = None
     members: Members | None = None
+    json_size: int = 0
+    body: bytes | None = attrs.field(default=None, repr=False)
+
+    @property
+    def values(self) -> dict:
+        return self.members.values if self.members is not None else {}
 
 
 NOTHING_READ = Facts()
 
 
+# How long the gateway's cooperative work (body scans, spooled bodies sent upstream) may run in one reactor turn:
+# Twisted's default is 10 ms, which other clients would feel as added latency.
+SLICE_SECONDS = 0.002
+
+
+def _one_slice():
+    end = time.monotonic() + SLICE_SECONDS
+    return lambda: time.monotonic() >= end
+
+
 def cooperator_for(clock) -> task.Cooperator:
-    """A Cooperator whose slices run on `clock` (the reactor, or a Clock in tests), one per reactor turn."""
-    return task.Cooperator(scheduler=lambda run: clock.callLater(0, run))
+    """A Cooperator whose slices (of at most SLICE_SECONDS) run on `clock` (the reactor, or a Clock in tests),
+    one per reactor turn."""
+    return task.Cooperator(terminationPredicateFactory=_one_slice, scheduler=lambda run: clock.callLater(0, run))
 
 
 def read_members(body, names: Iterable[str], cooperator: task.Cooperator, budget: int = BUDGET) -> defer.Deferred:
@@ -123,11 +142,12 @@ def body_bytes(content) -> bytes:
     return content.read()
 
 
-def read_request(gateway, request, admission, target: Target) -> defer.Deferred:
-    """Read what forwarding this request needs from its body: a Deferred of its Facts."""
+def read_request(gateway, request, admission, target: Target, wanted: Iterable[str] = ()) -> defer.Deferred:
+    """Read what forwarding this request needs from its body: a Deferred of its Facts.  `wanted` names more
+    top-level members to read from a JSON body (the parameters of metering and limits)."""
     forward_key = admission.decision.forward_key
     limited = forward_key is not None and forward_key.models is not None
-    if not limited and not gateway.log_chat:
+    if not limited and not gateway.log_chat and not wanted:
         return defer.succeed(NOTHING_READ)
     size = body_size(request.content)
     names: list[str] = []
@@ -144,23 +164,27 @@ def read_request(gateway, request, admission, target: Target) -> defer.Deferred:
             named = named + models.form_named(view, headers.getRawHeaders(b"content-type")[0])
         elif kind == "json":
             names.append(models.MODEL)
-    if (
-        kind == "json" and size > DEFAULT_LIMIT and gateway.log_chat and request.method == b"POST"
-        and transcript_kind(request.path.decode("latin-1"))
-    ):
-        names += [name for name in TRANSCRIPT_PARAMETERS if name not in names]
+    if kind == "json":
+        names += [name for name in wanted if name not in names]
+        if size > DEFAULT_LIMIT and gateway.log_chat and request.method == b"POST" and transcript_kind(
+            request.path.decode("latin-1")
+        ):
+            names += [name for name in TRANSCRIPT_PARAMETERS if name not in names]
+    json_size = size if kind == "json" else 0
     if not names:
         _close(view)
-        return defer.succeed(_judged(forward_key, request.method, target, named, None) if limited else NOTHING_READ)
+        if limited:
+            return defer.succeed(_judged(forward_key, request.method, target, named, None, json_size, None))
+        return defer.succeed(Facts(json_size=json_size))
     _close(view)
     view = body_bytes(request.content)
     reading = read_members(view, names, gateway.cooperator)
 
     def judged(members: Members) -> Facts:
-        _close(view)
+        body = view
         if not limited:
-            return Facts(members=members)
-        return _judged(forward_key, request.method, target, named + models.json_named(members), members)
+            return Facts(members=members if members.kind == OBJECT else None, json_size=json_size, body=body)
+        return _judged(forward_key, request.method, target, named + models.json_named(members), members, json_size, body)
 
     def failed(reason):
         _close(view)
@@ -169,11 +193,12 @@ def read_request(gateway, request, admission, target: Target) -> defer.Deferred:
     return reading.addCallbacks(judged, failed)
 
 
-def _judged(forward_key, method: bytes, target: Target, named: models.Named, members: Members | None) -> Facts:
+def _judged(forward_key, method: bytes, target: Target, named: models.Named, members: Members | None,
+            json_size: int, body: bytes | None) -> Facts:
     why = models.decide(forward_key.models, method, target.path, named)
     if why is not None:
         return Facts(refusal=errors.model_refused(why))
-    return Facts(members=members if members is not None and members.kind == OBJECT else None)
+    return Facts(members if members is not None and members.kind == OBJECT else None, json_size, body)
 
 
 def _close(view) -> None:

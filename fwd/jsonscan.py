@@ -3,15 +3,15 @@
 The gateway needs `model`, `max_tokens` and a few more before it forwards a request. `json.loads` of a hostile
 body (millions of tiny objects, deep nesting) holds the reactor for seconds and takes gigabytes, so a Scanner
 walks the body without recursion, validating it as `json.loads(body.decode("utf-8"))` would, building nothing
-but the requested values, and stops after about `budget` units of work per `step()`.
+but the requested values, and stops after about `budget` units of work per `step()`; the reactor runs it with
+`twisted.internet.task.cooperate`. A unit is one byte examined (or one byte of a requested value decoded); a token
+the scanner handles one at a time costs TOKEN_COST. UTF-8 validation runs ahead, a budget of bytes per step.
 
-A unit is one byte examined (or one byte of a requested value decoded); a token the scanner handles one at a time
-costs TOKEN_COST units. UTF-8 validation runs ahead of the scan, at most a budget of bytes per step.
-
-Where the scanner departs from `json.loads`, it follows strict JSON parsers (orjson, which OpenAI-compatible
-servers use, and the RFC): a UTF-8 byte order mark is malformed (as `json.loads` of the decoded text says;
-`json.loads` of the bytes would strip it), and nesting deeper than MAX_DEPTH (orjson's limit) is malformed
-wherever it is (`json.loads` gives up near Python's recursion limit, which depends on the caller's stack).
+Malformed is what `json.loads(body.decode("utf-8"))` refuses: leading and trailing JSON whitespace are fine; a
+UTF-8 byte order mark (as strict JSON parsers say: orjson, Go, serde), invalid UTF-8, trailing data and integers
+longer than Python converts are not. NaN, Infinity and lone surrogate escapes pass, as json.loads lets them.
+Nesting deeper than MAX_DEPTH is malformed wherever it is: json.loads gives up near Python's recursion limit,
+less the caller's stack, and orjson at 1024.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ OBJECT = "object"
 NOT_OBJECT = "not-object"
 MALFORMED = "malformed"
 
-MAX_VALUE = 64 * 1024
+MAX_VALUE = 16 * 1024
 MAX_DEPTH = 512
-BUDGET = 32 * 1024
+BUDGET = 16 * 1024
 TOKEN_COST = 32
 
 _INT_DIGITS = sys.get_int_max_str_digits()
@@ -40,12 +40,13 @@ _INT_DIGITS = sys.get_int_max_str_digits()
 
 @attrs.frozen
 class Members:
-    """The requested top-level members of a JSON body, and what kind of JSON the body is.
+    """The requested top-level members of a JSON body, and what kind of JSON the body is: "object", "not-object"
+    or "malformed"; only an object has members.
 
-    Each requested name present at top level is in exactly one of: `values` (its one value, decoded),
-    `duplicates` (it appears more than once, counting spellings equal after unescaping or case folding: an
-    upstream may honour either occurrence), `too_large` (its one value is longer than max_value bytes). Only an
-    "object" has members.
+    A key names a member when it equals the name once unescaped and case-folded ("Model", "mod\\u0065l"), as an
+    upstream matching keys leniently would read it. Each name present is in exactly one of: `values` (its one
+    value, as json.loads decodes it), `duplicates` (it appears more than once: the upstream may honour either, so
+    no value is given), `too_large` (its one value is longer than max_value bytes, and was not decoded).
     """
 
     kind: str
@@ -122,7 +123,11 @@ _LITERALS = {ord(word[:1]): word for word in (b"true", b"false", b"null", b"NaN"
 # Every character beyond ASCII whose case folding is all ASCII ("ſ" folds to "s", the Kelvin sign to "k"): a key
 # spelled with one of them may be a requested name.
 FOLDS_TO_ASCII = "\u00df\u017f\u1e9e\u212a\ufb00\ufb01\ufb02\ufb03\ufb04\ufb05\ufb06"
-_FOLDS_TO_ASCII = tuple(c.encode() for c in FOLDS_TO_ASCII)
+# Their UTF-8 (the ligatures share a prefix, with a few neighbours), and the escapes that spell them or any ASCII.
+_FOLDS_TO_ASCII = (b"\xc3\x9f", b"\xc5\xbf", b"\xe1\xba\x9e", b"\xe2\x84\xaa", b"\xef\xac")
+_ESCAPED_LETTER = re.compile(rb"\\u(?:00[0-7]|00[dD][fF]|017[fF]|1[eE]9[eE]|212[aA]|[fF][bB]0[0-6])")
+# Names whose every spelling in a key, but for case, needs one of those.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]*")
 
 
 @attrs.frozen(eq=False)
@@ -145,7 +150,7 @@ class _Names:
         # A key folds to at least one character per character, each at most a pair of \u escapes: 12 bytes.
         key_limit = 2 + 12 * max((len(f) for f in folded), default=0)
         quoted = None
-        if all(name.isascii() for name in names):
+        if all(_PLAIN_NAME.fullmatch(name) for name in names):
             quoted = tuple((name, b'"' + name.lower().encode() + b'"') for name in names)
         ascii_names = b"|".join(re.escape(f.encode()) for f in sorted(folded, key=len, reverse=True) if f.isascii())
         unless = rb"(?!(?i:" + ascii_names + rb')")' if ascii_names else b""
@@ -189,7 +194,6 @@ class Scanner:
         # Where a run of whole elements last stopped short of its window: no use trying one there again.
         self._no_run_at = -1
         self._window = self.min_window
-        self._opened_at = 0
         self._member: tuple = ()
         self._start = 0
         self._after_string = _AFTER
@@ -199,11 +203,11 @@ class Scanner:
         self._values: dict[str, object] = {}
         self._too_large: set[str] = set()
         self._checked = 0
-        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        self._spent = 0
 
     @property
     def least_budget(self) -> int:
-        """The smallest budget a step keeps to: the smallest action, a window long enough for any requested key."""
+        """The smallest budget a step keeps to: one action, whose window must hold any spelling of a requested key."""
         return max(self.min_window, self._names.key_limit) + TOKEN_COST
 
     @property
@@ -227,13 +231,13 @@ class Scanner:
                     self._result = _read_small(self.body, self._names)
                     return self._result is not None
             self._check_utf8(self._pos + budget)
-            spent = self._scan(budget)
+            self._spent = 0
+            self._scan(budget)
             if self._state == _DONE:
-                spent = self._finish(budget, spent)
+                self._finish(budget)
         except _Malformed:
-            spent = TOKEN_COST
             self._result = Members(MALFORMED)
-        self.work += spent
+        self.work += self._spent
         return self._result is not None
 
     def _small(self, budget: int) -> bool:
@@ -242,44 +246,48 @@ class Scanner:
         return n <= self.fast_max and n <= self.max_value and n + TOKEN_COST <= budget
 
     def _check_utf8(self, end: int) -> None:
-        """Validate the body as strict UTF-8 up to `end`, ahead of the scan."""
+        """Validate the body as strict UTF-8 up to about `end`, ahead of the scan, a few kilobytes at a time."""
         n = len(self.body)
         end = min(n, end)
-        if self._checked < end:
+        view = memoryview(self.body)
+        while self._checked < end:
+            stop = min(end, self._checked + 8192)
             try:
-                self._utf8.decode(memoryview(self.body)[self._checked : end], end == n)
+                used = codecs.utf_8_decode(view[self._checked : stop], "strict", stop == n)[1]
             except UnicodeDecodeError:
                 raise _Malformed from None
-            self._checked = end
+            if not used:
+                break  # a character cut at `end`: the next call reads it whole
+            self._checked += used
 
-    def _finish(self, budget: int, spent: int) -> int:
+    def _finish(self, budget: int) -> None:
         """Decode the values of members seen once while the budget allows (a value larger than the budget gets a
-        step of its own); then the result is known. Returns the units spent in this step."""
+        step of its own); then the result is known."""
         self._check_utf8(len(self.body))
         if not self._object:
             self._result = Members(NOT_OBJECT)
-            return spent
+            return
         while self._spans:
             name, (start, end) = next(iter(self._spans.items()))
             if end - start <= self.max_value:
                 cost = end - start + TOKEN_COST
-                if spent and spent + cost > budget:
-                    return spent
-                spent += cost
+                if self._spent and self._spent + cost > budget:
+                    return
+                self._spent += cost
                 try:
-                    self._values[name] = json.loads(self.body[start:end].decode("utf-8"))
-                except (ValueError, RecursionError):
-                    # The scan accepted what json.loads refuses (deep nesting): json.loads refuses the body too.
+                    self._values[name] = _decode(self.body[start:end])
+                except (RecursionError, ValueError):
+                    # Nested deeper than json.loads manages from this stack, so it would refuse the whole body too.
+                    # (A ValueError would be a scan that accepted what json.loads refuses: json.loads has the say.)
                     raise _Malformed from None
             else:
                 self._too_large.add(name)
             del self._spans[name]
         duplicates = frozenset(name for name, count in self._counts.items() if count > 1)
         self._result = Members(OBJECT, self._values, duplicates, frozenset(self._too_large))
-        return spent
 
-    def _scan(self, budget: int) -> int:
-        """Advance until the budget is spent or the body is done; returns the units spent."""
+    def _scan(self, budget: int) -> None:
+        """Advance until the budget is spent or the body is done, adding the units to self._spent."""
         body = self.body
         n = len(body)
         stack = self._stack
@@ -350,8 +358,9 @@ class Scanner:
                                 self._window = self.min_window
                                 self._no_run_at = pos
                             continue
+                        start = pos
                         pos, state = self._open(pos, wend)
-                        spent += pos - self._opened_at
+                        spent += pos - start
                         continue
                     elif c == _CLOSE_ARRAY and self._may_close:
                         stack.pop()
@@ -386,9 +395,8 @@ class Scanner:
                         state = _VALUE if stack[-1] == _OPEN_ARRAY else _KEY
                         self._may_close = False
                     elif c == stack[-1] + 2:  # "]" follows "[", and "}" follows "{"
-                        end = self._close(pos, wend)
-                        spent += end - pos
-                        pos = end
+                        pos, examined = self._close(pos, wend)
+                        spent += examined
                         state = self._value_done(pos)
                     else:
                         raise _Malformed
@@ -460,7 +468,7 @@ class Scanner:
         finally:
             self._pos = pos
             self._state = state
-        return spent
+            self._spent += spent
 
     def _run(self, pattern: re.Pattern, pos: int, wend: int) -> tuple[re.Match, int]:
         """Skip a run of whole elements or members at C speed, in a window that grows while runs fill it.
@@ -477,7 +485,6 @@ class Scanner:
 
     def _open(self, pos: int, wend: int) -> tuple[int, int]:
         """Enter a chain of containers, each opening inside the last, at once; the position and state after it."""
-        self._opened_at = pos
         stack = self._stack
         match = _OPENERS.match(self.body, pos, wend)
         if match:
@@ -492,19 +499,24 @@ class Scanner:
         self._may_close = self.body[end - 1] != _COLON_BYTE
         return end, (_KEY if self.body[end - 1] == _OPEN_OBJECT else _VALUE)
 
-    def _close(self, pos: int, wend: int) -> int:
-        """Leave the containers a run of closing brackets closes, at once when they match the open ones (never the
-        top-level one in one go); the position after the last one left."""
+    def _close(self, pos: int, wend: int) -> tuple[int, int]:
+        """Leave the containers a run of closing brackets closes, at once when they match the open ones, but never
+        the top-level one with others; the position after the last one left, and the bytes examined."""
         stack = self._stack
-        end = pos + 1
-        if pos + 1 < len(self.body) and self.body[pos + 1] in _CLOSER_OR_SPACE:
-            match = _CLOSERS.match(self.body, pos, wend)
-            closers = self.body[pos : match.end()].translate(None, _NOT_CLOSERS)
+        body = self.body
+        if pos + 1 < len(body) and body[pos + 1] in _CLOSER_OR_SPACE:
+            end = _CLOSERS.match(body, pos, wend).end()
+            examined = end - pos
+            closers = body[pos:end].translate(None, _NOT_CLOSERS)
+            if len(closers) >= len(stack) and len(closers) == examined:
+                # Closed without spaces down to the top-level container: all but that one.
+                closers = closers[: len(stack) - 1]
+                end = pos + len(closers)
             if 1 < len(closers) < len(stack) and stack.endswith(closers.translate(_CLOSER_TO_OPENER)[::-1]):
                 del stack[-len(closers) :]
-                return match.end()
+                return end, examined
         stack.pop()
-        return end
+        return pos + 1, 1
 
     def _value_done(self, pos: int) -> int:
         """A value ended at `pos`: if it is a requested top-level member's, count it; the next state."""
@@ -596,12 +608,13 @@ def _read_small(body: bytes, names: _Names) -> Members | None:
         return None
     if type(doc) is not dict:
         return Members(NOT_OBJECT)
-    if b"\\" in body or (not body.isascii() and any(spelling in body for spelling in _FOLDS_TO_ASCII)):
+    if _ESCAPED_LETTER.search(body) or (not body.isascii() and any(utf8 in body for utf8 in _FOLDS_TO_ASCII)):
         return None
     lowered = body.lower()
     values = {}
     for name, spelling in names.quoted:
-        # Without escapes and unusual letters, every key that folds to the name is this spelling, lower-cased.
+        # Without those escapes and letters, every key that folds to the name is this spelling, lower-cased (an
+        # escaped quote may add a count, never hide one).
         count = lowered.count(spelling)
         if count:
             if count > 1 or name not in doc:
@@ -614,6 +627,17 @@ def _read_small(body: bytes, names: _Names) -> Members | None:
 
 
 _SIMPLE = frozenset({str, int, bool, type(None)})
+
+
+def _decode(text: bytes) -> object:
+    """A JSON value as json.loads gives it: by orjson where that is the same thing (faster, and no recursion)."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text.decode("utf-8"))
+    if type(value) in _SIMPLE or _exact(value):
+        return value
+    return json.loads(text.decode("utf-8"))
 
 
 def _exact(value: object) -> bool:
