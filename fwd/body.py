@@ -190,6 +190,7 @@ class FileProducer:
         self.length = length
         self.cooperator = cooperator
         self._task = None
+        self._paused = False
 
     def startProducing(self, consumer):
         content = self.content
@@ -207,15 +208,32 @@ class FileProducer:
                 yield None
 
         self._task = self.cooperator.cooperate(pieces())
+        if self._paused:
+            self._task.pause()
         return self._task.whenDone().addCallback(lambda _: None)
 
+    # A transport may ask to pause before producing starts, or to resume what it never paused (one whose last
+    # producer it unregistered while paused, as a pooled connection after an answer that came before the whole
+    # body was sent): the producer keeps its own state and asks the task only for a real change.
     def pauseProducing(self):
+        if self._paused:
+            return
+        self._paused = True
         if self._task is not None:
-            self._task.pause()
+            try:
+                self._task.pause()
+            except task.TaskDone:
+                pass
 
     def resumeProducing(self):
+        if not self._paused:
+            return
+        self._paused = False
         if self._task is not None:
-            self._task.resume()
+            try:
+                self._task.resume()
+            except (task.TaskDone, task.NotPaused):
+                pass
 
     def stopProducing(self):
         if self._task is not None:
