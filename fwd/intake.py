@@ -198,7 +198,8 @@ def _judged(forward_key, method: bytes, target: Target, named: models.Named, mem
     why = models.decide(forward_key.models, method, target.path, named)
     if why is not None:
         return Facts(refusal=errors.model_refused(why))
-    return Facts(members if members is not None and members.kind == OBJECT else None, json_size, body)
+    return Facts(members=members if members is not None and members.kind == OBJECT else None, json_size=json_size,
+                 body=body)
 
 
 def _close(view) -> None:

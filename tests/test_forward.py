@@ -356,6 +356,12 @@ class KeyPoolTests(SynchronousTestCase):
         d = proxy.client.post("http://proxy.test/v1/batches", data=b"{}", headers={"Authorization": "Bearer fk-bob00001"})
         proxy.flush()
         self.assertEqual(self.successResultOf(d).code, 403, "a POST that names no model is refused")
+        allowed = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        d = proxy.client.post("http://proxy.test/v1/chat/completions", data=allowed,
+                              headers={"Authorization": "Bearer fk-bob00001", "Content-Type": "application/json"})
+        proxy.flush()
+        self.assertEqual(self.successResultOf(d).code, 200, "its own model passes")
+        self.assertEqual(proxy.upstream.received[-1].body, allowed)
 
 
 def test_a_form_body_is_forwarded_as_it_is_never_parsed_by_the_proxy():
