@@ -62,8 +62,10 @@ class AccessLog:
         return access.client_ip(peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for"), trusted)
 
     def answered(self, request) -> None:
-        """A request the proxy answered itself (an error, /healthz)."""
+        """A request the proxy answered itself (an error, /healthz, a 429 of the limits: `limit` says which)."""
         now = self.clock.seconds()
+        admitted = getattr(request, "admission", None)
+        limited = getattr(request, "limited", None)
         self.emit(
             method=_text(getattr(request, "method", None)),
             path=_text(getattr(request, "path", None)),
@@ -72,8 +74,9 @@ class AccessLog:
             sent=request.sentLength,
             started=getattr(request, "started", now),
             now=now,
-            caller="-",
-            route="-",
+            caller=admitted[1].caller if admitted is not None else "-",
+            route=admitted[0].route.name if admitted is not None else "-",
+            **({"limit": limited} if limited is not None else {}),
         )
 
     def unframed(self, transport, status: int) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
+from fwd.limits import BudgetRule, Price, Rate, parse_budget, parse_rate
 from fwd.settings import (
     SINGLE_ROUTE_KEYS,
     ConfigError,
@@ -37,6 +38,25 @@ from fwd.settings import (
 )
 
 KINDS = ("openai", "azure", "general")
+LIMIT_FIELDS = ("rpm", "tpm", "max_parallel")
+DEFAULT_MAX_TOKENS = 4096
+
+
+@attrs.frozen
+class Limits:
+    """The limits of a forward key (or of everything a route serves): requests and tokens per period, requests
+    at once, and a forward key's token or cost budget."""
+
+    rpm: Rate | None = None
+    tpm: Rate | None = None
+    max_parallel: int | None = None
+    budget: BudgetRule | None = None
+
+    def __bool__(self) -> bool:
+        return any(value is not None for value in (self.rpm, self.tpm, self.max_parallel, self.budget))
+
+
+NO_LIMITS = Limits()
 
 
 @attrs.frozen
@@ -46,6 +66,7 @@ class ForwardKey:
     key: str = attrs.field(repr=False)
     name: str
     models: frozenset[str] | None = None
+    limits: Limits = NO_LIMITS
 
     def allows(self, model: str | None) -> bool:
         return self.models is None or model in self.models
@@ -61,6 +82,14 @@ class Route:
     api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
     forward_keys: tuple[ForwardKey, ...] = attrs.field(default=(), repr=False)
     allow_client_keys: bool = True
+    limits: Limits = NO_LIMITS
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    stream_usage: bool | None = None
+
+    @property
+    def limited(self) -> bool:
+        """Whether anything this route serves is limited: the route itself or one of its forward keys."""
+        return bool(self.limits) or any(key.limits for key in self.forward_keys)
 
     @property
     def no_auth(self) -> bool:
@@ -94,8 +123,16 @@ class Config:
     body_timeout: float = 30.0
     tls_ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
     check_keys: bool = True
+    data_dir: str = "./Data"
+    usage: bool = False
+    stream_usage: bool = True
+    prices: Mapping[str, Price] = attrs.field(factory=dict, repr=False)
     config_file: str | None = None
     ignored: tuple[str, ...] = ()
+
+    @property
+    def limited(self) -> bool:
+        return any(route.limited for route in self.routes)
 
 
 def unnamed(key: str, index: int, taken: set[str]) -> str:
@@ -123,9 +160,11 @@ def parse_forward_keys(value: object, source: str) -> tuple[ForwardKey, ...]:
             key = parse_one_forward_key(item, source, index)
             keys.append(ForwardKey(key, unnamed(key, index, {k.name for k in keys})))
         elif isinstance(item, Mapping):
-            unknown = set(item) - {"key", "name", "models"}
+            unknown = set(item) - {"key", "name", "models", "budget", *LIMIT_FIELDS}
             if unknown or not isinstance(item.get("key"), str):
-                raise ConfigError(f"{source}: forward key {index} must be a table with key, name, models")
+                raise ConfigError(
+                    f"{source}: forward key {index} must be a table with key, name, models, rpm, tpm, max_parallel, budget"
+                )
             key = parse_one_forward_key(item["key"], source, index)
             models = item.get("models")
             if models is not None and (
@@ -133,15 +172,59 @@ def parse_forward_keys(value: object, source: str) -> tuple[ForwardKey, ...]:
             ):
                 raise ConfigError(f"{source}: forward key {index} models must be a list of model names")
             name = str(item.get("name") or unnamed(key, index, {k.name for k in keys}))
-            keys.append(ForwardKey(key, name, frozenset(models) if models is not None else None))
+            limits = parse_limits(item, f"{source}: forward key {name}", budget=True)
+            keys.append(ForwardKey(key, name, frozenset(models) if models is not None else None, limits))
         else:
             raise ConfigError(f"{source}: forward key {index} must be a string or a table")
     seen = set()
+    limits_by_name: dict[str, Limits] = {}
     for key in keys:
         if key.key in seen:
             raise ConfigError(f"{source}: forward key {key.name} is listed twice")
         seen.add(key.key)
+        # Keys sharing a name are one caller: its limits and budget are counted together.
+        if limits_by_name.setdefault(key.name, key.limits) != key.limits:
+            raise ConfigError(f"{source}: forward keys named {key.name} share their limits, so they must set the same ones")
     return tuple(keys)
+
+
+def parse_limits(table: Mapping, where: str, budget: bool) -> Limits:
+    """The rpm, tpm, max_parallel (and budget) of a forward key or route table."""
+    found = {}
+    for name in ("rpm", "tpm"):
+        if name in table:
+            try:
+                found[name] = parse_rate(table[name])
+            except ValueError as e:
+                raise ConfigError(f"{where}: {name}: {e}") from None
+    if "max_parallel" in table:
+        value = table["max_parallel"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: max_parallel must be a whole number of requests, at least 1")
+        found["max_parallel"] = value
+    if budget and "budget" in table:
+        try:
+            found["budget"] = parse_budget(table["budget"])
+        except ValueError as e:
+            raise ConfigError(f"{where}: budget: {e}") from None
+    return Limits(**found) if found else NO_LIMITS
+
+
+def parse_prices(table: object, where: str) -> dict[str, Price]:
+    """`[prices]`: model name = { input = dollars, output = dollars } per million tokens."""
+    if table is None:
+        return {}
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: prices must be a table of model = {{ input = …, output = … }}")
+    prices = {}
+    for model, price in table.items():
+        if not isinstance(price, Mapping) or set(price) - {"input", "output"} or not price:
+            raise ConfigError(f"{where}: prices.{model} must be {{ input = dollars, output = dollars }} per 1M tokens")
+        values = [price.get(part, 0) for part in ("input", "output")]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e6 for v in values):
+            raise ConfigError(f"{where}: prices.{model} must be non-negative numbers of dollars per 1M tokens")
+        prices[str(model)] = Price(float(values[0]), float(values[1]))
+    return prices
 
 
 def make_route(
@@ -180,7 +263,10 @@ def routes_from_file(tables: object, file_name: str, allow_client_keys: bool) ->
     routes = []
     for number, table in enumerate(tables, 1):
         here = f"[[route]] {number} in {file_name}"
-        unknown = set(table) - {"prefix", "base_url", "kind", "api_keys", "forward_keys", "allow_client_keys"}
+        unknown = set(table) - {
+            "prefix", "base_url", "kind", "api_keys", "forward_keys", "allow_client_keys", "default_max_tokens",
+            "stream_usage", *LIMIT_FIELDS,
+        }
         if unknown:
             raise ConfigError(f"{here}: unknown field {sorted(unknown)[0]!r}")
         if "base_url" not in table:
@@ -188,7 +274,13 @@ def routes_from_file(tables: object, file_name: str, allow_client_keys: bool) ->
         allow = table.get("allow_client_keys", allow_client_keys)
         if not isinstance(allow, bool):
             raise ConfigError(f"{here}: allow_client_keys must be true or false")
-        routes.append(
+        stream_usage = table.get("stream_usage")
+        if stream_usage is not None and not isinstance(stream_usage, bool):
+            raise ConfigError(f"{here}: stream_usage must be true or false")
+        default_max = table.get("default_max_tokens", DEFAULT_MAX_TOKENS)
+        if isinstance(default_max, bool) or not isinstance(default_max, int) or default_max < 1:
+            raise ConfigError(f"{here}: default_max_tokens must be a whole number of tokens, at least 1")
+        route = (
             make_route(
                 prefix=table.get("prefix", ""),
                 base_url=table["base_url"],
@@ -197,6 +289,14 @@ def routes_from_file(tables: object, file_name: str, allow_client_keys: bool) ->
                 forward_keys=table.get("forward_keys", ()),
                 allow_client_keys=allow,
                 where={f: f"{here}: {f}" for f in ("prefix", "base_url", "kind", "api_keys", "forward_keys")},
+            )
+        )
+        routes.append(
+            attrs.evolve(
+                route,
+                limits=parse_limits(table, here, budget=False),
+                default_max_tokens=default_max,
+                stream_usage=stream_usage,
             )
         )
     prefixes = [r.prefix for r in routes]
@@ -232,6 +332,10 @@ def build(raw: Mapping[str, Raw], file_data: Mapping[str, object] | None = None,
             ),
         )
     metrics = str(raw["metrics_port"].value or "").strip()
+    prices = parse_prices((file_data or {}).get("prices"), file_name or "the config file")
+    usage = parse_usage(raw["usage"], any(route.limited for route in routes))
+    if not usage and any(key.limits.budget is not None for route in routes for key in route.forward_keys):
+        raise ConfigError(f"{raw['usage'].source}: budgets are kept in the usage store: USAGE cannot be false with a budget")
     return Config(
         ports=parse_ports(raw["port"]),
         routes=routes,
@@ -251,9 +355,20 @@ def build(raw: Mapping[str, Raw], file_data: Mapping[str, object] | None = None,
         body_timeout=parse_seconds(raw["body_timeout"]),
         tls_ciphers=parse_ciphers(raw["tls_ciphers"]),
         check_keys=parse_bool(raw["check_keys"]),
+        data_dir=str(raw["data_dir"].value),
+        usage=usage,
+        stream_usage=parse_bool(raw["stream_usage"]),
+        prices=prices,
         config_file=file_name or None,
         ignored=ignored,
     )
+
+
+def parse_usage(raw: Raw, limited: bool) -> bool:
+    """USAGE: "auto" counts usage when some limit or budget is configured; true or false say so."""
+    if str(raw.value).strip().lower() == "auto":
+        return limited
+    return parse_bool(raw)
 
 
 def from_sources(sources: Sources) -> Config:

@@ -59,6 +59,14 @@ def internal() -> ProxyError:
     return ProxyError(500, "The proxy failed; see its log.", type="server_error")
 
 
+def limits_unavailable() -> ProxyError:
+    """The limits could not be asked (a worker whose supervisor has gone): nothing was forwarded."""
+    return ProxyError(
+        503, "The gateway cannot check this key's limits right now; retry shortly.", type="server_error",
+        code="limits_unavailable", headers=((b"retry-after", b"1"),),
+    )
+
+
 def bad_path() -> ProxyError:
     return ProxyError(400, "The request path has dot-segments; send a normalized path.", code="invalid_path")
 

@@ -30,7 +30,9 @@ from fwd.headers import (
     upstream_headers,
 )
 from fwd.intake import body_size
+from fwd.limits import price_for
 from fwd.masking import KeyMasker
+from fwd.metering import Metering, wants_usage_injected, with_usage_asked
 from fwd.relay import Collect, Discard, Relay, abort
 from fwd.transcripts.assembly import Ended, Transcript, transcript_kind
 from fwd.transcripts.events import emit
@@ -59,8 +61,9 @@ def describe_failure(reason) -> str:
 class Exchange:
     """One client request and its upstream attempts, from sending to the last byte relayed."""
 
-    def __init__(self, gateway, active, admission: access.Admission, request, target, facts):
-        """`target` says where the request goes upstream, `facts` what was read from its body (fwd.intake)."""
+    def __init__(self, gateway, active, admission: access.Admission, request, target, facts, terms=None, ticket=None):
+        """`target` says where the request goes upstream, `facts` what was read from its body (fwd.intake),
+        `terms` the limits it met and whether its usage is counted, `ticket` its admission (fwd.quota)."""
         self.gateway = gateway
         self.config = gateway.config
         self.active = active
@@ -81,9 +84,14 @@ class Exchange:
         self.ttfb: float | None = None
         self.transcript: Transcript | None = None
         self.facts = facts
+        self.ticket = ticket
         self.url = active.upstream_url(target.rest, target.query)
         self.body = body = request.content
         self.body_size = body_size(body)
+        self.upstream_body: bytes | None = None
+        self.metering: Metering | None = None
+        if terms is not None and terms.metered:
+            self.metering = self._meter(terms)
         self.headers = upstream_headers(
             request.requestHeaders.getAllRawHeaders(),
             hop_prefix=gateway.hop_prefix,
@@ -92,9 +100,22 @@ class Exchange:
             from_api_key=admission.from_api_key,
             proxy_keys=bool(self.config.proxy_keys),
         )
-        if gateway.log_chat and request.method == b"POST" and self._start_transcript():
+        transcribed = gateway.log_chat and request.method == b"POST" and self._start_transcript()
+        if transcribed or self.metering is not None:
+            # Transcripts and usage read the answer: it must come uncompressed.
             self.headers = [(n, v) for n, v in self.headers if n != b"accept-encoding"]
             self.headers.append((b"accept-encoding", [b"identity"]))
+
+    def _meter(self, terms) -> Metering:
+        """Count this exchange's usage; ask a stream's usage of the upstream when the client did not."""
+        facts = self.facts
+        injected = False
+        if terms.ask_usage and facts.body is not None and wants_usage_injected(terms.kind, facts.values):
+            asked = with_usage_asked(facts.body, facts.values)
+            if asked is not None:
+                self.upstream_body = asked
+                injected = True
+        return Metering(terms.kind, facts.json_size, injected)
 
     def _start_transcript(self) -> bool:
         path = self.request.path.decode("latin-1")
@@ -135,7 +156,9 @@ class Exchange:
             return self._fail(outcome)
         method = self.request.method
         producer = None
-        if self.body_size or method in (b"POST", b"PUT", b"PATCH"):
+        if self.upstream_body is not None:
+            producer = BytesProducer(self.upstream_body)
+        elif self.body_size or method in (b"POST", b"PUT", b"PATCH"):
             producer = body_producer(self.body, self.gateway.cooperator) if self.body is not None else BytesProducer(b"")
         d = self.gateway.agent.request(method, self.url, Headers(dict(outcome)), producer)
         d.addTimeout(self.config.timeout, self.clock, onTimeoutCancel=self._timed_out)
@@ -211,6 +234,12 @@ class Exchange:
             out.removeHeader(b"content-length")
         elif response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
+        if self.ticket is not None:
+            # A limited caller sees its own limits, in OpenAI's header names, not the upstream organisation's.
+            for name, value in self.ticket.headers():
+                out.setRawHeaders(name, [value])
+        if self.metering is not None:
+            self.metering.started(status, stream)
         if self.transcript is not None:
             self.transcript.response_started(
                 status,
@@ -287,6 +316,16 @@ class Exchange:
         if self.stream:
             gateway.streams -= 1
         now = self.clock.seconds()
+        used = self.metering.usage(partial) if self.metering is not None else None
+        cost = None
+        if used is not None and self.config.prices:
+            price = price_for(self.config.prices, self.facts.values.get("model"))
+            cost = price.cost(used.input_tokens, used.output_tokens) if price is not None else None
+        if self.ticket is not None:
+            if used is not None:
+                gateway.quota.settle(self.ticket, used.total_tokens, cost)
+            else:
+                gateway.quota.release(self.ticket)
         if self.transcript is not None:
             transcript = self.transcript
             if self.ttfb is None:
@@ -294,7 +333,11 @@ class Exchange:
                 if body:
                     transcript.feed(body)
             try:
-                emit(Ended(transcript, partial=partial, error=error, latency_ms=(now - self.started) * 1000))
+                emit(Ended(transcript, partial=partial, error=error, latency_ms=(now - self.started) * 1000,
+                           used=None if used is None else {
+                               "input_tokens": used.input_tokens, "output_tokens": used.output_tokens,
+                               "total_tokens": used.total_tokens, "estimated": used.estimated,
+                           }))
             except Exception as e:
                 log.error("a transcript could not be sent: {problem}", problem=type(e).__name__)
         request = self.request
@@ -310,7 +353,21 @@ class Exchange:
             route=self.active.route.name,
             ttfb=self.ttfb,
             upstream=True,
+            **usage_fields(used, self.facts.values.get("model"), cost),
         )
         if isinstance(self.body, RequestBody):
             self.body.close()
         gateway.exchange_ended()
+
+
+def usage_fields(used, model, cost) -> dict:
+    """The usage fields of an access event (the usage ledger and the metrics read them), or none."""
+    if used is None:
+        return {}
+    return {
+        "model": model if isinstance(model, str) else "-",
+        "input_tokens": used.input_tokens,
+        "output_tokens": used.output_tokens,
+        "estimated": used.estimated,
+        "cost": cost,
+    }

@@ -11,9 +11,19 @@ from twisted.internet import defer
 
 from fwd import access, errors
 from fwd.answers import AccessLog
-from fwd.config import Config, Route
+from fwd.config import NO_LIMITS, Config, Route
 from fwd.intake import cooperator_for
 from fwd.keys import KeyPool
+from fwd.limits import Limiter
+from fwd.metering import kind_of
+from fwd.quota import (
+    LocalQuota,
+    Plan,
+    QuotaStore,
+    Terms,
+    plan_for,
+    reservation,
+)
 
 
 def host_header(base_url: str) -> bytes:
@@ -90,6 +100,8 @@ class Gateway:
         self.routes: dict[str, ActiveRoute] = {}
         self.access = AccessLog(clock, lambda: self.config.trusted_proxies)
         self.cooperator = cooperator_for(clock)
+        self.quota: QuotaStore = LocalQuota(Limiter(clock))
+        self.plans: dict[tuple[str, str | None], Plan] = {}
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -100,8 +112,34 @@ class Gateway:
         for active in routes.values():
             active.pool.adopt(old)
         self.routes = routes
+        self.plans = {}
         self.hop_prefix = config.hop_header_prefix.encode()
         self.log_chat = config.log_chat if self.log_chat_override is None else self.log_chat_override
+
+    def terms(self, active: ActiveRoute, admission: access.Admission, method: bytes, path: bytes) -> Terms:
+        """The limits a request meets, and whether (and how) its usage is counted."""
+        route = active.route
+        forward_key = admission.decision.forward_key
+        caller = forward_key.name if forward_key is not None else None
+        plan = self.plans.get((route.name, caller))
+        if plan is None:
+            plan = self.plans[(route.name, caller)] = plan_for(
+                route, caller, forward_key.limits if forward_key is not None else NO_LIMITS
+            )
+        kind = kind_of(method, path)
+        if kind is None or not (self.config.usage or plan):
+            return Terms(plan)
+        ask = self.config.stream_usage if route.stream_usage is None else route.stream_usage
+        return Terms(plan, kind, ask, route.default_max_tokens)
+
+    def admit(self, terms: Terms, facts) -> defer.Deferred:
+        """Admit a request on its limits: a Deferred of its Ticket, or of the Refusal it gets (fwd.quota.refused
+        is its 429)."""
+        values = facts.values
+        reserved = reservation(
+            terms.kind, facts.json_size, values, terms.default_max, self.config.prices, values.get("model")
+        )
+        return self.quota.admit(terms.plan, reserved)
 
     def route(self, name: str) -> ActiveRoute | None:
         """The live route named `name` (its prefix, or "/"), or None when a reload removed it."""

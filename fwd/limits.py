@@ -621,6 +621,17 @@ class Limiter:
         for charge, key in ticket.budgets:
             self._spend(charge, key, charge.spend)
 
+    def seed(self, budget_id: str, period: str, used: Spend) -> bool:
+        """Start a budget's current period with what was spent in it before this process started (the usage
+        ledger's count); a budget this limiter already follows in that period is left alone.  Whether it was seeded."""
+        unix = self.clock.seconds()
+        current = self._budgets.get(budget_id)
+        if current is not None and current.key == self._period(period, unix)[2]:
+            return False
+        usage = self._budgets[budget_id] = _Usage(period, self._period(period, unix)[2])
+        usage.used = used
+        return True
+
     def prune(self) -> None:
         """Forget drained rate states and budgets of past periods."""
         unix = self.clock.seconds()

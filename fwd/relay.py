@@ -69,6 +69,7 @@ class Relay(Protocol):
         self.send = self._first_write
         masker = exchange.masker
         self.masker = masker if masker is not None and masker.keys else None
+        self.metering = exchange.metering
 
     def connectionMade(self):
         exchange = self.exchange
@@ -83,16 +84,18 @@ class Relay(Protocol):
         exchange = self.exchange
         if exchange.client_gone:
             return
+        if not self.paused:  # bytes a paused upstream still delivers are no progress for a client not reading
+            self.idle.reset(self.idle_timeout)
+        if self.metering is not None:
+            data = self.metering.relay(data)
         if self.masker is not None:
             data = self.masker.feed(data)
-            if not data:
-                return
+        if not data:
+            return
         self.send(data)
         exchange.sent += len(data)
         if self.transcript is not None:
             self.transcript.feed(data)
-        if not self.paused:  # bytes a paused upstream still delivers are no progress for a client not reading
-            self.idle.reset(self.idle_timeout)
 
     def _first_write(self, data: bytes) -> None:
         """The first write sends the headers; later ones can skip twisted.web's per-write bookkeeping."""
@@ -108,10 +111,12 @@ class Relay(Protocol):
             self.send = channel.transport.write
 
     def flush(self) -> None:
-        """Send what the masker still holds (the body ended)."""
-        if self.masker is None or self.exchange.client_gone:
+        """Send what the metering and the masker still hold (the body ended)."""
+        if self.exchange.client_gone:
             return
-        rest = self.masker.close()
+        rest = self.metering.close() if self.metering is not None else b""
+        if self.masker is not None:
+            rest = self.masker.feed(rest) + self.masker.close()
         if rest:
             self.send(rest)
             self.exchange.sent += len(rest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -19,6 +20,11 @@ from fwd.answers import JSON, send_error
 from fwd.exchange import Exchange
 from fwd.gateway import Gateway
 from fwd.intake import Facts, Target, read_request
+from fwd.limits import Refusal
+from fwd.metering import PARAMETERS
+from fwd.quota import refused
+
+log = Logger(namespace="fwd.resource")
 
 
 class ForwardResource(Resource):
@@ -58,24 +64,58 @@ class ForwardResource(Resource):
                 return NOT_DONE_YET
         active, admission = request.admission
         target = Target.of(request, mounted_at=len(request.prepath))
-        reading = read_request(self.gateway, request, admission, target)
-        if reading.called:
-            self._forward(reading.result, request, active, admission, target)
-        else:
-            # A large body is still being read in slices: a client leaving meanwhile stops that.
-            request.notifyFinish().addErrback(lambda _: reading.cancel())
-            reading.addCallback(self._forward, request, active, admission, target)
-            reading.addErrback(lambda reason: reason.trap(defer.CancelledError))
+        terms = self.gateway.terms(active, admission, request.method, target.path)
+        reading = read_request(self.gateway, request, admission, target, PARAMETERS if terms.metered else ())
+        self._when(reading, request, self._admit, request, active, admission, target, terms)
         return NOT_DONE_YET
 
-    def _forward(self, facts: Facts, request, active, admission, target) -> None:
-        """Forward the request once what its body says is known (or answer the refusal it earned)."""
+    @staticmethod
+    def _when(waiting: defer.Deferred, request, then, *args) -> None:
+        """Go on with `then` once `waiting` fires: at once when it already has, else when it does (a large body
+        read in slices, a limit decided elsewhere), unless the client left meanwhile."""
+        if waiting.called:
+            then(waiting.result, *args)
+            return
+        request.notifyFinish().addErrback(lambda _: waiting.cancel())
+        waiting.addCallback(then, *args)
+        waiting.addErrback(lambda reason: reason.trap(defer.CancelledError))
+
+    def _admit(self, facts: Facts, request, active, admission, target, terms) -> None:
+        """Admit the request on its limits (fwd.quota) once what its body says is known, or answer the refusal
+        it earned."""
         if facts.refusal is not None:
             send_error(request, facts.refusal)
             return
         if getattr(request, "gone", False):
             return
-        exchange = Exchange(self.gateway, active, admission, request, target, facts)
+        if not terms.plan:
+            self._forward(None, request, active, admission, target, terms, facts)
+            return
+        deciding = self.gateway.admit(terms, facts).addErrback(self._undecided)
+        self._when(deciding, request, self._forward, request, active, admission, target, terms, facts)
+
+    @staticmethod
+    def _undecided(reason):
+        """The limits could not decide (a bug, or a store that failed): answer 503, forward nothing."""
+        if reason.check(defer.CancelledError):
+            return reason
+        log.error("admission failed: {problem}", problem=reason.type.__name__)
+        return errors.limits_unavailable()
+
+    def _forward(self, ticket, request, active, admission, target, terms, facts: Facts) -> None:
+        """Forward the admitted request (or answer the 429 the limits gave it)."""
+        if isinstance(ticket, Refusal):
+            request.limited = ticket.reason
+            send_error(request, refused(ticket))
+            return
+        if isinstance(ticket, errors.ProxyError):
+            send_error(request, ticket)
+            return
+        if getattr(request, "gone", False):
+            if ticket is not None:
+                self.gateway.quota.release(ticket)
+            return
+        exchange = Exchange(self.gateway, active, admission, request, target, facts, terms, ticket)
         request.notifyFinish().addErrback(exchange.client_lost)
         exchange.start()
 

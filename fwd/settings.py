@@ -68,6 +68,13 @@ SETTINGS = (
             help="seconds a request body may pause before the request is answered 408 and closed"),
     Setting("tls-ciphers", ("TLS_CIPHERS",), "ECDHE+AESGCM:ECDHE+CHACHA20",
             help="OpenSSL cipher list for TLS 1.2 on ssl: ports (TLS 1.2 and later only; TLS 1.3 suites are fixed)"),
+    Setting("data-dir", ("DATA_DIR",), "./Data",
+            help="directory of the usage and budget store (SQLite), created when usage is counted"),
+    Setting("usage", ("USAGE",), "auto",
+            help="count token usage by caller, model and day: auto (when a limit or budget is configured), true, false"),
+    Setting("stream-usage", ("STREAM_USAGE",), "true",
+            help="ask the upstream for a stream's usage when the client did not, and remove it from what the "
+                 "client receives (a route's stream_usage overrides it)"),
     Setting("check-keys", ("CHECK_KEYS",), "true",
             help="at startup and on SIGHUP, ask each pool key's upstream for /v1/models and disable the keys it "
                  "refuses (not for kind = general routes)"),
@@ -311,7 +318,7 @@ def parse_config_text(text: str, path: str) -> dict:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
-    unknown = set(data) - set(SETTING_BY_KEY) - {"route"}
+    unknown = set(data) - set(SETTING_BY_KEY) - {"route", "prices"}
     if unknown:
         raise ConfigError(f"--config {path}: unknown setting {sorted(unknown)[0]!r}")
     return data

@@ -61,6 +61,7 @@ class ForwardRequest(Request):
     answered_early = False
     head_resource = None
     admission = None
+    limited = None  # why the limits refused it (fwd.limits.Refusal.reason), for the access event
     received = 0
     exchange = None
     gone = False

@@ -340,7 +340,7 @@ def test_ending_a_ticket_twice_changes_nothing():
 def test_max_parallel_refuses_the_request_over_the_cap_until_one_ends():
     limiter, _ = limiter_at(10)
     demand = Demand(parallel=[Parallel("key:alice:parallel", 2)])
-    first, second = limiter.admit(demand), limiter.admit(demand)
+    first, _ = limiter.admit(demand), limiter.admit(demand)
     refused = limiter.admit(demand)
     assert refused.reason == "parallel" and refused.code == "rate_limit_exceeded"
     assert dict(refused.headers())[b"retry-after"] == b"1"

@@ -10,7 +10,7 @@ from fwd.transcripts.assembly import Transcript, transcript_kind
 
 RECORD_KEYS = {
     "uid", "time", "client", "caller", "route", "path", "model", "stream", "request", "response", "usage",
-    "status", "partial", "error", "latency_ms", "ttfb_ms", "truncated", "parse_error",
+    "status", "partial", "error", "latency_ms", "ttfb_ms", "truncated", "parse_error", "usage_estimated",
 }
 
 

@@ -281,6 +281,7 @@ class Transcript:
             "ttfb_ms": None if self.ttfb_ms is None else round(self.ttfb_ms, 3),
             "truncated": truncated,
             "parse_error": "; ".join(problems) if problems else None,
+            "usage_estimated": None,
         }
 
     def _response(self, partial: bool, problems: list[str]) -> tuple[Any, str | None, str | None, Any, bool]:
@@ -333,20 +334,44 @@ class Transcript:
 
 
 class Ended:
-    """An exchange that has ended: its transcript and how it ended.  The record is built when first asked
-    for, by whichever process writes it."""
+    """An exchange that has ended: its transcript, how it ended, and what it used as the gateway counted it
+    (`used`: input_tokens, output_tokens, total_tokens, estimated; fwd.metering).  The record is built when first
+    asked for, by whichever process writes it."""
 
-    __slots__ = ("transcript", "partial", "error", "latency_ms", "_record")
+    __slots__ = ("transcript", "partial", "error", "latency_ms", "used", "_record")
 
-    def __init__(self, transcript: Transcript, *, partial: bool, error: str | None, latency_ms: float) -> None:
+    def __init__(
+        self, transcript: Transcript, *, partial: bool, error: str | None, latency_ms: float, used: dict | None = None
+    ) -> None:
         self.transcript = transcript
         self.partial = partial
         self.error = error
         self.latency_ms = latency_ms
+        self.used = used
         self._record: dict[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
         """The transcript record (built once)."""
         if self._record is None:
-            self._record = self.transcript.finish(partial=self.partial, error=self.error, latency_ms=self.latency_ms)
+            record = self.transcript.finish(partial=self.partial, error=self.error, latency_ms=self.latency_ms)
+            self._record = with_usage_counted(record, self.used, self.transcript.kind)
         return self._record
+
+
+def with_usage_counted(record: dict[str, Any], used: dict | None, kind: str) -> dict[str, Any]:
+    """A record with the usage the gateway counted: `usage_estimated` says whether it was estimated (None when
+    usage was not counted), and `usage`, when the answer relayed none (no usage came back, or the proxy asked
+    for a stream's usage and removed it), holds the counted figures in the API's own names."""
+    if used is None:
+        return record
+    record["usage_estimated"] = bool(used.get("estimated"))
+    if record.get("usage") is None and record.get("status") is not None and record["status"] < 400:
+        first, second = ("prompt_tokens", "completion_tokens") if kind in PROMPT_NAMED else ("input_tokens", "output_tokens")
+        record["usage"] = {
+            first: used["input_tokens"], second: used["output_tokens"], "total_tokens": used["total_tokens"]
+        }
+    return record
+
+
+# The transcript kinds whose APIs name usage prompt_tokens / completion_tokens.
+PROMPT_NAMED = frozenset({"chat", "completions", "embeddings"})

@@ -103,6 +103,7 @@ def ended_frame(ended: Ended) -> bytes:
     meta["partial"] = ended.partial
     meta["error"] = ended.error
     meta["latency_ms"] = ended.latency_ms
+    meta["used"] = ended.used
     head = orjson.dumps(meta)
     request = transcript.request_body
     return b"".join((_FRAME.pack(_CAPTURE, len(head), len(request), len(response)), head, request, response))
@@ -117,7 +118,9 @@ def frame_line(frame: bytes) -> bytes:
     meta = orjson.loads(frame[at : at + head])
     at += head
     transcript = rebuild(meta, frame[at : at + request], frame[at + request : at + request + response])
-    ended = Ended(transcript, partial=meta["partial"], error=meta["error"], latency_ms=meta["latency_ms"])
+    ended = Ended(
+        transcript, partial=meta["partial"], error=meta["error"], latency_ms=meta["latency_ms"], used=meta.get("used")
+    )
     return encode_record(ended.record())
 
 

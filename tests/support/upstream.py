@@ -618,9 +618,13 @@ class FakeUpstream(Resource):
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             return exchange.json({**base, "object": "chat.completion", "choices": [choice], "usage": usage})
 
+        with_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return _sse({**base, "object": "chat.completion.chunk", "choices": [choice]})
+            # As OpenAI does: with include_usage every chunk carries "usage": null, as its last member.
+            usage_member = {"usage": None} if with_usage else {}
+            return _sse({**base, "object": "chat.completion.chunk", "choices": [choice], **usage_member})
 
         pieces = _split(answer, exchange.chunks)
         if tool:
@@ -631,7 +635,7 @@ class FakeUpstream(Resource):
             first = {"role": "assistant", "content": ""}
             body = [chunk({"content": p}) for p in pieces]
         tail = [chunk({}, finish)]
-        if (request.get("stream_options") or {}).get("include_usage"):
+        if with_usage:
             tail.append(_sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}))
         return exchange.events(_writes([chunk(first)], body, tail + [_DONE]))
 
@@ -655,9 +659,11 @@ class FakeUpstream(Resource):
 
         if not request.get("stream"):
             return exchange.json({**base, "choices": [choice(text, "stop")], "usage": usage})
-        body = [_sse({**base, "choices": [choice(p, None)]}) for p in _split(text, exchange.chunks)]
-        tail = [_sse({**base, "choices": [choice("", "stop")]})]
-        if (request.get("stream_options") or {}).get("include_usage"):
+        with_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+        null = {"usage": None} if with_usage else {}
+        body = [_sse({**base, "choices": [choice(p, None)], **null}) for p in _split(text, exchange.chunks)]
+        tail = [_sse({**base, "choices": [choice("", "stop")], **null})]
+        if with_usage:
             tail.append(_sse({**base, "choices": [], "usage": usage}))
         return exchange.events(_writes([], body, tail + [_DONE]))
 
