@@ -1,4 +1,4 @@
-"""The `openai-forward` command: `run` (the seeds' command line, in the foreground) and `convert`.  Tests: tests/test_cli.py"""
+"""The `openai-forward` command: `run` (the seeds' command line, in the foreground), `usage` and `convert`.  Tests: tests/test_cli.py"""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import sys
 from fwd.settings import SETTING_BY_KEY
 
 USAGE = """usage: openai-forward run [--port=8000] [--base_url=URL] [--api_key=KEYS] [--forward_key=KEYS] ...
+       openai-forward usage [--days N | --since DAY] [--by day,caller,route,model] [--caller NAME] [--json]
        openai-forward convert [SRC [DST]]
 
 run      start the daemon in the foreground (the same as `twistd -n openai-forward ...`); every option of
          `twistd openai-forward --help` is accepted with dashes or underscores, as --name=value or --name value
+usage    tokens, requests and cost by caller, model and day, from the usage ledger in DATA_DIR
 convert  turn an openai-forward chat.log (default ./Log/chat.log) into JSONL (default ./Log/chat.jsonl)
 """
 
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = ["twistd", "--nodaemon", "--pidfile=", "openai-forward", *run_arguments(rest)]
         twistd.run()
         return 0
+    if command == "usage":
+        from fwd.usage_report import main_usage
+
+        return main_usage(rest)
     if command == "convert":
         from fwd.convert import main_convert
 

@@ -1,5 +1,5 @@
 """The daemon assembled from a Config: the Resource tree behind the daemon's Site on each --port, the upstream
-connections, transcripts, metrics, reload and drain.  Tests: tests/test_daemon.py, tests/test_operations.py"""
+connections, transcripts, the usage ledger, metrics, reload and drain.  Tests: tests/test_daemon.py, tests/test_operations.py"""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from twisted.application import service
 from fwd import config as configuration
 from fwd.gateway import Gateway
 from fwd.keycheck import KeyCheckService
+from fwd.ledger import Ledger
 from fwd.lifecycle import Drain, Reload, Reloader, StartupReport
 from fwd.listeners import AdoptedPort, Listener
 from fwd.metrics import MetricsService
 from fwd.process import tune_gc
+from fwd.quota import budgets_of
 from fwd.resource import GatewayRoot
 from fwd.site import ForwardSite
 from fwd.transcripts.service import transcript_service
@@ -32,15 +34,19 @@ def build_site(gateway: Gateway, root: GatewayRoot) -> ForwardSite:
     )
 
 
-def serving_reloader(gateway: Gateway, root: GatewayRoot, site: ForwardSite, load, checked=None) -> Reloader:
-    """What a reload changes in a serving process: the gateway's routes and keys, the tree, the site's bounds;
-    `checked`, a KeyCheckService, checks the keys again."""
+def serving_reloader(
+    gateway: Gateway, root: GatewayRoot, site: ForwardSite, load, checked=None, ledger: Ledger | None = None
+) -> Reloader:
+    """What a reload changes in a serving process: the gateway's routes, keys and limits, the tree, the site's
+    bounds; `checked`, a KeyCheckService, checks the keys again; `ledger` seeds the budgets a reload adds."""
 
     def apply(new: configuration.Config) -> None:
         gateway.reconfigure(new)
         root.mount()
         site.max_body_size = new.max_body_size
         site.body_timeout = new.body_timeout
+        if ledger is not None:
+            ledger.reseed()
         if checked is not None:
             checked.recheck()
 
@@ -76,6 +82,11 @@ def build_service(
     connections.setServiceParent(drain)
     if transcripts is not None:
         transcripts.setServiceParent(drain)
+    ledger = None
+    if config.usage and inherited is None:
+        ledger = Ledger(config.data_dir, reactor, gateway.quota.limiter, lambda: budgets_of(gateway.config))
+        ledger.check()
+        ledger.setServiceParent(drain)  # stops after the drain: the last exchanges' usage is written
     for number, description in enumerate(config.ports):
         if inherited is not None:
             AdoptedPort(description, inherited[number], site, reactor, config.tls_ciphers).setServiceParent(top)
@@ -88,7 +99,7 @@ def build_service(
 
     key_check = KeyCheckService(gateway, HTTPClient(agent), reactor)
     key_check.setServiceParent(top)
-    top.reloader = serving_reloader(gateway, root, site, load or (lambda: gateway.config), key_check)
+    top.reloader = serving_reloader(gateway, root, site, load or (lambda: gateway.config), key_check, ledger)
     if reload_service is not None:
         reload_service.reloader = top.reloader
     if hasattr(reactor, "callWhenRunning"):

@@ -22,6 +22,9 @@ from zope.interface import implementer
 
 ACCESS_NAMESPACE = "fwd.access"
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})
+# Distinct model labels (fwd_tokens_total): a client names the model, so their number is capped.
+MAX_MODELS = 256
+MAX_MODEL_LENGTH = 128
 SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -70,7 +73,32 @@ class Metrics:
             "fwd_upstream_ttfb_seconds", "Time from receiving a request to the upstream's response headers", ["route"],
             buckets=SECONDS_BUCKETS, registry=self.registry,
         )
+        self.tokens = Counter(
+            "fwd_tokens", "Tokens used, by caller (forward key name), model and kind (input, output)",
+            ["caller", "model", "kind"], registry=self.registry,
+        )
+        self.estimated = Counter(
+            "fwd_estimated_tokens", "Tokens of fwd_tokens_total that were estimated: no usage came back",
+            ["caller", "model"], registry=self.registry,
+        )
+        self.refusals = Counter(
+            "fwd_limit_refusals", "Requests the limits refused (429), by caller and reason (rate, too_large, "
+            "parallel, budget)", ["caller", "reason"], registry=self.registry,
+        )
+        self.models: set[str] = set()
         self.registry.register(StatusCollector(status))
+
+    def model_label(self, model) -> str:
+        """A model's label: the model a client names is its own choice, so only the first MAX_MODELS distinct
+        names get labels of their own, and the rest count as "other"."""
+        if not isinstance(model, str) or not model:
+            return "-"
+        if model in self.models:
+            return model
+        if len(self.models) >= MAX_MODELS or len(model) > MAX_MODEL_LENGTH:
+            return "other"
+        self.models.add(model)
+        return model
 
     def __call__(self, event: dict) -> None:
         if event.get("log_namespace") != ACCESS_NAMESPACE:
@@ -78,6 +106,17 @@ class Metrics:
         route = event.get("route") or "-"
         method = event.get("method", "")
         self.requests.labels(route, method if method in METHODS else "OTHER", str(event.get("status", 0))).inc()
+        limit = event.get("limit")
+        if limit is not None:
+            self.refusals.labels(event.get("caller") or "-", limit).inc()
+        tokens_in = event.get("input_tokens")
+        if tokens_in is not None:
+            caller, model = event.get("caller") or "-", self.model_label(event.get("model"))
+            tokens_out = event.get("output_tokens") or 0
+            self.tokens.labels(caller, model, "input").inc(tokens_in)
+            self.tokens.labels(caller, model, "output").inc(tokens_out)
+            if event.get("estimated"):
+                self.estimated.labels(caller, model).inc(tokens_in + tokens_out)
         if event.get("upstream"):
             self.latency.labels(route).observe(event.get("duration_ms", 0.0) / 1000)
             ttfb = event.get("ttfb_ms")

@@ -1,0 +1,232 @@
+"""The usage ledger: tokens and requests by day, caller, route and model, kept in SQLite under DATA_DIR.
+Tests: tests/test_ledger.py
+
+The ledger observes the access events of forwarded requests (fwd.exchange adds the usage to them where it was
+counted: fwd.metering), adds them up in memory and writes them every FLUSH_SECONDS from one thread of its own: no request ever
+waits on the disk, and a `kill -9` loses at most about a second of counts.  Budgets are kept in it too: a
+budget's spend in its current period is the sum of its caller's rows since the period began, read at startup
+(and for a budget a reload adds) to seed the limiter (fwd.limits.Limiter.seed).  It lives where the limiter
+does: in the daemon, or in the supervisor of --workers, which republishes its workers' access events.
+
+`openai-forward usage` reads the same file (fwd.usage_report).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from datetime import datetime, timezone
+
+from twisted.application import service
+from twisted.internet import task, threads
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from fwd.limits import Spend, period_start
+
+LEDGER_FILENAME = "usage.sqlite"
+FLUSH_SECONDS = 1.0
+MAX_MODEL_LENGTH = 128
+ACCESS_NAMESPACE = "fwd.access"
+
+log = Logger(namespace="fwd.ledger")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    day TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    route TEXT NOT NULL,
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    estimated_tokens INTEGER NOT NULL DEFAULT 0,
+    cost REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, caller, route, model)
+)
+"""
+ADD = """
+INSERT INTO usage (day, caller, route, model, requests, input_tokens, output_tokens, estimated_tokens, cost)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (day, caller, route, model) DO UPDATE SET
+    requests = requests + excluded.requests,
+    input_tokens = input_tokens + excluded.input_tokens,
+    output_tokens = output_tokens + excluded.output_tokens,
+    estimated_tokens = estimated_tokens + excluded.estimated_tokens,
+    cost = cost + excluded.cost
+"""
+
+
+def utc_day(when: float) -> str:
+    return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%d")
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """The ledger file, made if missing; WAL, so `openai-forward usage` reads while the daemon writes."""
+    connection = sqlite3.connect(path, timeout=5, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute(SCHEMA)
+    return connection
+
+
+def spent_since(connection: sqlite3.Connection, route: str, caller: str, since: float) -> Spend:
+    """What a caller of a route spent from `since` (the start of a budget period) on: tokens and cost."""
+    row = connection.execute(
+        "SELECT COALESCE(SUM(input_tokens + output_tokens), 0), COALESCE(SUM(cost), 0) FROM usage "
+        "WHERE route = ? AND caller = ? AND day >= ?",
+        (route, caller, utc_day(since)),
+    ).fetchone()
+    return Spend(int(row[0]), float(row[1]))
+
+
+@implementer(ILogObserver)
+class Ledger(service.Service):
+    """Adds up counted usage and writes it to DATA_DIR/usage.sqlite, off the request path."""
+
+    def __init__(self, directory: str, reactor, limiter=None, budgets=lambda: (), publisher=globalLogPublisher):
+        """`reactor` runs the flushes (and the writing thread); `limiter` (a fwd.limits.Limiter) is seeded at
+        start and by `reseed` with the spend of `budgets()` (fwd.quota.budgets_of of the running config)."""
+        self.directory = directory
+        self.path = os.path.join(directory, LEDGER_FILENAME)
+        self.clock = reactor
+        self.limiter = limiter
+        self.budgets = budgets
+        self.publisher = publisher
+        self.pending: dict[tuple[str, str, str, str], list] = {}
+        self.connection: sqlite3.Connection | None = None
+        self.pool = ThreadPool(1, 1, name="fwd-ledger")
+        self.flusher = task.LoopingCall(self.flush)
+        self.flusher.clock = reactor
+        self.write_errors = 0
+
+    def check(self) -> None:
+        """Make sure DATA_DIR can hold the ledger (made if missing): if not, startup stops with one line."""
+        from fwd.settings import ConfigError
+
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            connect(self.path).close()
+        except (OSError, sqlite3.Error) as e:
+            raise ConfigError(f"DATA_DIR {self.directory} cannot hold the usage ledger: {e}") from None
+
+    def reseed(self) -> int:
+        """Seed the limiter for the budgets it does not follow yet (after a reload added some)."""
+        if self.limiter is None:
+            return 0
+        return self.seed(self.limiter, self.budgets())
+
+    def seed(self, limiter, budgets) -> int:
+        """Give the limiter what each budget has spent in its current period, for the budgets it does not follow
+        in that period yet (`budgets`: (id, route, caller, rule), fwd.quota.budgets_of): what is written plus
+        what is counted but not written yet.  How many it seeded."""
+        now = self.clock.seconds()
+        seeded = 0
+        reading = connect(self.path)
+        try:
+            for budget_id, route, caller, rule in budgets:
+                since = period_start(now, rule.period)
+                spent = spent_since(reading, route, caller, since) + self.unwritten(route, caller, since)
+                seeded += limiter.seed(budget_id, rule.period, spent)
+        finally:
+            reading.close()
+        return seeded
+
+    def unwritten(self, route: str, caller: str, since: float) -> Spend:
+        """What a caller of a route spent from `since` on that the next flush has still to write."""
+        first = utc_day(since)
+        tokens, cost = 0, 0.0
+        for (day, who, where, _model), row in self.pending.items():
+            if who == caller and where == route and day >= first:
+                tokens += row[1] + row[2]
+                cost += row[4]
+        return Spend(tokens, cost)
+
+    def startService(self):
+        super().startService()
+        self.check()
+        self.connection = connect(self.path)
+        self.reseed()
+        self.pool.start()
+        self.publisher.addObserver(self)
+        self.flusher.start(FLUSH_SECONDS, now=False)
+
+    def __call__(self, event) -> None:
+        """Count one forwarded request's access event, with its usage when it was counted."""
+        if event.get("log_namespace") != ACCESS_NAMESPACE or not event.get("upstream"):
+            return
+        model = event.get("model")
+        if not isinstance(model, str) or not model:
+            model = "-"
+        elif len(model) > MAX_MODEL_LENGTH:
+            model = "other"  # a client names the model: a name longer than any real one is not kept
+        key = (utc_day(self.clock.seconds()), event.get("caller") or "-", event.get("route") or "-", model)
+        row = self.pending.get(key)
+        if row is None:
+            row = self.pending[key] = [0, 0, 0, 0, 0.0]
+        row[0] += 1
+        tokens_in = event.get("input_tokens")
+        if tokens_in is None:
+            return
+        tokens_out = event.get("output_tokens") or 0
+        row[1] += tokens_in
+        row[2] += tokens_out
+        if event.get("estimated"):
+            row[3] += tokens_in + tokens_out
+        row[4] += event.get("cost") or 0.0
+
+    def flush(self):
+        """Write what was counted since the last flush, in the ledger's own thread."""
+        if not self.pending or self.connection is None:
+            return None
+        rows = self.take()
+
+        def failed(reason):
+            # Nothing is lost: the rows are counted again with what comes next, and written when the disk allows.
+            for day, caller, route, model, *counts in rows:
+                row = self.pending.setdefault((day, caller, route, model), [0, 0, 0, 0, 0.0])
+                for index, value in enumerate(counts):
+                    row[index] += value
+            self.write_errors += 1
+            if self.write_errors == 1:
+                log.error("cannot write the usage ledger {path}: {why}; keeping the counts to write later",
+                          path=self.path, why=reason.getErrorMessage())
+
+        return threads.deferToThreadPool(self.clock, self.pool, self.write, rows).addErrback(failed)
+
+    def take(self) -> list[tuple]:
+        """The rows counted since the last take, as `write` adds them."""
+        rows = [(*key, *values) for key, values in self.pending.items()]
+        self.pending = {}
+        return rows
+
+    def write(self, rows: list[tuple]) -> None:
+        """Add rows to the file in one transaction (the ledger's thread calls this)."""
+        connection = self.connection
+        connection.execute("BEGIN")
+        try:
+            connection.executemany(ADD, rows)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
+    def stopService(self):
+        super().stopService()
+        self.publisher.removeObserver(self)
+        if self.flusher.running:
+            self.flusher.stop()
+        done = self.flush()
+
+        def close(_=None):
+            if self.pool.started:
+                self.pool.stop()
+            if self.connection is not None:
+                self.connection.close()
+                self.connection = None
+
+        if done is None:
+            close()
+            return None
+        return done.addBoth(close)
