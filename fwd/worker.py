@@ -3,6 +3,7 @@ Tests: tests/test_workers.py
 
 It serves the listening sockets it inherits with the configuration its supervisor sends on the control line
 (fd 4): the first line before it starts, each later line on a reload.  It never reads a configuration file.
+The same line carries its limit questions and their answers (fwd.quota_line).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import os
 import signal
 import sys
 
+import orjson
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from fwd import config as configuration
 from fwd import settings
+from fwd.quota_line import SupervisorQuota
 from fwd.transcripts.events import transcript_publisher
 from fwd.transcripts.line import TranscriptLine, adopt
 from fwd.transcripts.sender import FrameSender
@@ -48,22 +51,34 @@ def sources_of(line: bytes) -> settings.Sources:
 
 
 class ControlLine(LineOnlyReceiver):
-    """Reload messages from the supervisor: each line is a configuration to serve from now on."""
+    """The worker's end of its control line: configurations to serve from now on (a reload), and the
+    supervisor's answers on the limits (fwd.quota_line), which the worker's limit questions go out on."""
 
     delimiter = b"\n"
     MAX_LENGTH = CONTROL_LINE_LIMIT
 
     def __init__(self, reloader):
         self.reloader = reloader
+        self.quota = SupervisorQuota(self.send)
+
+    def send(self, line: bytes) -> None:
+        self.transport.write(line)
 
     def lineReceived(self, line: bytes) -> None:
         try:
-            sources = sources_of(line)
+            message = orjson.loads(line)
+            if "sources" not in message:
+                self.quota.answer(message)
+                return
+            sources = settings.Sources.from_json(message["sources"])
         except (ValueError, KeyError, TypeError):
-            log.error("ignoring a control line that is not a configuration")
+            log.error("ignoring a control line that is neither a configuration nor a limits answer")
             return
         self.reloader.load = lambda: configuration.from_sources(sources)
         self.reloader.reload()
+
+    def connectionLost(self, reason=None):
+        self.quota.line_lost()
 
 
 def run_worker() -> None:
@@ -91,7 +106,9 @@ def run_worker() -> None:
     except configuration.ConfigError as problem:
         raise SystemExit(f"openai-forward worker: {problem}") from None
     top = build_service(config, reactor, inherited=fds)
-    adopt(reactor, CONTROL_FD, ControlLine(top.reloader))
+    control = ControlLine(top.reloader)
+    top.gateway.quota = control.quota  # the supervisor decides on the limits, for every worker at once
+    adopt(reactor, CONTROL_FD, control)
     os.close(CONTROL_FD)
     status_log = Logger(namespace=STATUS_NAMESPACE)
     gateway = top.gateway

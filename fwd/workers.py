@@ -7,8 +7,9 @@ that adopt the sockets and accept in turn.  The supervisor reads the configurati
 and sends each worker the sources it was read from over a control line (fd 4): a refused reload sends nothing,
 so a worker started after it serves the last good configuration.  Each worker logs twisted.logger events as
 JSON lines on its stdout, which the supervisor republishes, and sends transcript frames over a second line
-(fd 3), which the supervisor passes to its transcript writer: its one log, its one chat.jsonl and its /metrics
-cover every worker.  A worker that dies is started again, with a growing delay if it keeps dying.
+(fd 3), which the supervisor passes to its transcript writer: its one log, its one chat.jsonl, its one usage
+ledger and its /metrics cover every worker.  The control line also carries every worker's limit questions to
+the supervisor's one Limiter, so limits and budgets hold across workers (fwd.quota_line).  A worker that dies is started again, with a growing delay if it keeps dying.
 """
 
 from __future__ import annotations
@@ -19,15 +20,22 @@ import signal
 import socket
 import sys
 
+import attrs
+import orjson
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.protocols.basic import LineOnlyReceiver
 
 from fwd import config as configuration
 from fwd import settings
+from fwd.ledger import Ledger
 from fwd.lifecycle import RESTART_ONLY, StartupReport
+from fwd.limits import Limiter
 from fwd.listeners import listen_now, parse_endpoint
 from fwd.metrics import MetricsService
+from fwd.quota import budgets_of
+from fwd.quota_line import QuotaServer
 from fwd.restarts import RestartBackoff
 from fwd.transcripts.line import TranscriptLine, adopt
 from fwd.transcripts.service import transcript_service
@@ -74,10 +82,41 @@ class WorkerProtocol(protocol.ProcessProtocol):
         self.supervisor.worker_ended(self, reason)
 
 
-class Supervisor(service.Service):
-    """Binds the listening sockets and keeps N workers serving them with the last good configuration."""
+class ControlLine(LineOnlyReceiver):
+    """The supervisor's end of one worker's control line: configurations out, limit questions in and answered
+    (fwd.quota_line)."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 1024 * 1024
+
+    def __init__(self, quota: QuotaServer):
+        self.quota = quota
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            message = orjson.loads(line)
+            answer = self.quota.handle(self, message)
+        except (ValueError, KeyError, TypeError):
+            log.error("ignoring a control line from a worker that is not a limits message")
+            return
+        if answer is not None:
+            self.transport.write(answer)
+
+    def lineLengthExceeded(self, line):
+        log.error("a worker sent an over-long control line; ignoring it")
+
+    def connectionLost(self, reason=None):
+        self.quota.worker_gone(self)
+
+
+class Supervisor(service.MultiService):
+    """Binds the listening sockets and keeps N workers serving them with the last good configuration.
+
+    Its children (the transcript writer, the usage ledger) serve the workers: they start before the first
+    worker and stop after the last has ended, so nothing a worker sends at its end is lost."""
 
     def __init__(self, sources: settings.Sources, config: configuration.Config, reactor, transcripts=None):
+        super().__init__()
         self.sources = sources
         self.config = config
         self.transcripts = transcripts
@@ -92,6 +131,15 @@ class Supervisor(service.Service):
         self.endpoints = [
             (description, parse_endpoint(reactor, description, config.tls_ciphers)) for description in config.ports
         ]
+        self.limiter = Limiter(reactor)
+        self.quota = QuotaServer(self.limiter)
+        self.ledger: Ledger | None = None
+        if transcripts is not None:
+            transcripts.setServiceParent(self)
+        if config.usage:
+            self.ledger = Ledger(config.data_dir, reactor, self.limiter, lambda: budgets_of(self.config))
+            self.ledger.check()
+            self.ledger.setServiceParent(self)
 
     def privilegedStartService(self):
         super().privilegedStartService()
@@ -129,7 +177,7 @@ class Supervisor(service.Service):
             self.reactor.spawnProcess(
                 worker, sys.executable, [sys.executable, "-m", "fwd.worker"], env=env, path=os.getcwd(), childFDs=child_fds
             )
-            worker.control = protocol.Protocol()
+            worker.control = ControlLine(self.quota)
             adopt(self.reactor, control_ours.fileno(), worker.control)
             worker.control.transport.write(control_message(self.sources))
             if ours is not None:
@@ -185,6 +233,9 @@ class Supervisor(service.Service):
         if changed:
             log.warn("reload: {names} change only on restart", names=", ".join(changed))
         self.sources = sources
+        self.config = attrs.evolve(config, **{name: getattr(self.config, name) for name in RESTART_ONLY})
+        if self.ledger is not None:
+            self.ledger.reseed()
         message = control_message(sources)
         for worker in list(self.workers.values()):
             if worker.control is not None and worker.control.transport is not None:
@@ -211,7 +262,7 @@ class Supervisor(service.Service):
         return total
 
     def stopService(self):
-        super().stopService()
+        service.Service.stopService(self)
         self.stopping = True
         if self.previous_hup is not None:
             signal.signal(signal.SIGHUP, self.previous_hup)
@@ -224,7 +275,9 @@ class Supervisor(service.Service):
             port.stopListening()
         grace = self.config.grace_period + 5
         done = defer.DeferredList(ended)
-        return done.addTimeout(grace, self.clock).addErrback(lambda _: self.signal_workers(signal.SIGKILL))
+        done.addTimeout(grace, self.clock).addErrback(lambda _: self.signal_workers(signal.SIGKILL))
+        # Then the transcript writer and the ledger, with everything the workers sent.
+        return done.addCallback(lambda _: service.MultiService.stopService(self))
 
 
 def build_supervisor(sources: settings.Sources, config: configuration.Config, reactor=None):
@@ -233,8 +286,6 @@ def build_supervisor(sources: settings.Sources, config: configuration.Config, re
         from twisted.internet import reactor
     top = service.MultiService()
     transcripts = transcript_service(config.log_chat, config.log_dir, reactor)
-    if transcripts is not None:
-        transcripts.setServiceParent(top)
     supervisor = Supervisor(sources, config, reactor, transcripts)
     supervisor.setServiceParent(top)
     if config.metrics_port:
