@@ -4,8 +4,9 @@
     python benchmarks/run.py [--duration 5] [--rounds 2] [--only fwd,reference,nginx]
                              [--json out.json] [--pin] [--fwd-env LOG_CHAT=true] [--baseline REV]
 
-Columns: fwd (this checkout as installed), fwd+chat (transcripts on), fwd@REV (the code of git revision
-REV, from --baseline, for a before/after in one run), reference (openai-forward 0.8.1), nginx.
+Columns: fwd (this checkout as installed), fwd+chat (transcripts on), fwd+limits (every request through a
+forward key with an rpm, a tpm and a token budget, usage counted into the ledger), fwd@REV (the code of git
+revision REV, from --baseline, for a before/after in one run), reference (openai-forward 0.8.1), nginx.
 
 Starts benchmarks/upstream.py (fake OpenAI upstream) and the three proxies on
 their own 127.0.0.1 ports, all pointing at that upstream, then measures, rounds
@@ -47,8 +48,9 @@ HERE = Path(__file__).resolve().parent
 UPSTREAM_PY = HERE / "upstream.py"
 REF_VENV = HERE / ".venv-reference"
 REF_PKGS = ["openai-forward==0.8.1", "pyyaml"]  # it imports yaml without declaring it
-# fwd+chat: this proxy with LOG_CHAT=true; fwd@REV: the revision given with --baseline
-PROXIES = ("fwd", "fwd+chat", "fwd@", "reference", "nginx")
+# fwd+chat: this proxy with LOG_CHAT=true; fwd+limits: with limits and a budget on the forward key every request
+# uses; fwd@REV: the revision given with --baseline
+PROXIES = ("fwd", "fwd+chat", "fwd+limits", "fwd@", "reference", "nginx")
 HOST = "127.0.0.1"
 
 CHAT_BODY = '{"model":"gpt-3.5-turbo","messages":[{"role":"user","content":"Say hello in one short sentence."}]}'
@@ -57,6 +59,21 @@ STREAM_BODY = (
     '"messages":[{"role":"user","content":"Say hello in one short sentence."}]}'
 )
 AUTH = "Bearer sk-bench-000000000000000000000000000000000000"
+LIMITED_KEY = "fk-bench-limits-0000000000000000000000000"
+# Limits no benchmark reaches, so every request pays for the checks and none is refused.
+LIMITS_TOML = """\
+[[route]]
+base_url = "http://{host}:{up_port}"
+api_keys = ["{pool}"]
+forward_keys = [{{ key = "{key}", name = "bench", rpm = "1000000000/minute", tpm = "1000000000/minute",
+                  budget = {{ tokens = 1000000000000000, period = "month" }} }}]
+"""
+# The Authorization each proxy port is sent (fwd+limits takes its forward key); AUTH elsewhere.
+AUTH_BY_PORT = {}
+
+
+def auth(port):
+    return AUTH_BY_PORT.get(port, AUTH)
 
 
 def log(msg):
@@ -192,7 +209,7 @@ def serving_pids(proc):
 def http_get_ok(port, path="/v1/models", timeout=2.0):
     try:
         c = http.client.HTTPConnection(HOST, port, timeout=timeout)
-        c.request("GET", path, headers={"Authorization": AUTH})
+        c.request("GET", path, headers={"Authorization": auth(port)})
         r = c.getresponse()
         r.read()
         c.close()
@@ -214,7 +231,7 @@ def wait_ready(proc, port, timeout):
 
 # --------------------------------------------------------------------------- proxies
 
-def fwd_command(args, port, up_port, extra_env=()):
+def fwd_command(args, port, up_port, extra_env=(), extra_args=()):
     if args.fwd_cmd:
         cmd = shlex.split(args.fwd_cmd.format(port=port, upstream=up_port, python=sys.executable))
     else:
@@ -223,7 +240,8 @@ def fwd_command(args, port, up_port, extra_env=()):
             twistd = shutil.which("twistd")
             if not twistd:
                 return None, "no twistd next to %s nor on PATH" % sys.executable
-        cmd = [str(twistd), "-n", "--pidfile=", "openai-forward", "--port", "tcp:%d:interface=%s" % (port, HOST)]
+        cmd = [str(twistd), "-n", "--pidfile=", "openai-forward", "--port", "tcp:%d:interface=%s" % (port, HOST),
+               *extra_args]
     env = base_env()
     env["OPENAI_BASE_URL"] = "http://%s:%d" % (HOST, up_port)
     for kv in [*args.fwd_env, *extra_env]:
@@ -423,7 +441,7 @@ class KeepAliveClient:
             try:
                 t0 = time.perf_counter()
                 self.conn.request("POST", path, body=body,
-                                  headers={"Content-Type": "application/json", "Authorization": AUTH})
+                                  headers={"Content-Type": "application/json", "Authorization": auth(self.port)})
                 r = self.conn.getresponse()
                 r.read()
                 dt = time.perf_counter() - t0
@@ -480,7 +498,7 @@ def first_chunk_time(port, path, timeout=5.0):
     """Seconds from sending a streamed request to the first body byte; reads the stream to its end."""
     req = ("POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\nAuthorization: %s\r\n"
            "Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-           % (path, HOST, port, AUTH, len(STREAM_BODY), STREAM_BODY)).encode()
+           % (path, HOST, port, auth(port), len(STREAM_BODY), STREAM_BODY)).encode()
     s = socket.create_connection((HOST, port), timeout=timeout)
     try:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -533,7 +551,7 @@ async def _hold_streams(port, n, pids_fn, ramp_timeout, chunks):
     body = STREAM_BODY.encode()
     req = (b"POST /v1/chat/completions?chunks=%d&interval=1 HTTP/1.1\r\nHost: %s:%d\r\n"
            b"Content-Type: application/json\r\nAuthorization: %s\r\nContent-Length: %d\r\n\r\n%s"
-           % (chunks, HOST.encode(), port, AUTH.encode(), len(body), body))
+           % (chunks, HOST.encode(), port, auth(port).encode(), len(body), body))
     state = {"first": 0, "bad": 0, "lost": 0, "alive": 0, "bad_alive": 0}
     transports = []
     all_done = loop.create_future()
@@ -638,7 +656,7 @@ def slow_reader(port, pids_fn, seconds, size):
     try:
         s.connect((HOST, port))
         s.sendall(b"GET /bytes?n=%d HTTP/1.1\r\nHost: %s:%d\r\nAuthorization: %s\r\n\r\n"
-                  % (size, HOST.encode(), port, AUTH.encode()))
+                  % (size, HOST.encode(), port, auth(port).encode()))
         t0 = time.monotonic()
         next_sample = t0
         while True:
@@ -747,7 +765,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="rounds of a-c, alternating proxies (default 2)")
     ap.add_argument("--mem-rounds", type=int, default=1, help="rounds of d-e, after the others (default 1)")
     ap.add_argument("--only", default="fwd,reference,nginx",
-                    help="comma list of fwd,fwd+chat,reference,nginx (fwd+chat: with transcripts on)")
+                    help="comma list of fwd,fwd+chat,fwd+limits,reference,nginx (fwd+chat: with transcripts on; fwd+limits: "
+                         "limits, a budget and usage counting on every request)")
     ap.add_argument("--skip", default="", help="comma list of tests to skip: plain,streams,latency,mem,slow")
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--fwd-cmd", help="override the fwd command; {port} {upstream} {python} are substituted")
@@ -829,6 +848,12 @@ def main(argv=None):
                 spec, err = fwd_command(args, port, up_port)
             elif name == "fwd+chat":
                 spec, err = fwd_command(args, port, up_port, ["LOG_CHAT=true", "LOG_DIR=Log"])
+            elif name == "fwd+limits":
+                toml = os.path.join(tmp, "limits.toml")
+                Path(toml).write_text(LIMITS_TOML.format(host=HOST, up_port=up_port, pool=AUTH.split()[1],
+                                                         key=LIMITED_KEY))
+                spec, err = fwd_command(args, port, up_port, ["DATA_DIR=Data"], ["--config", toml])
+                AUTH_BY_PORT[port] = "Bearer " + LIMITED_KEY
             elif name.startswith("fwd@"):
                 tree, err = checkout(name[4:], tmp)
                 spec, err = (None, err) if err else fwd_command(args, port, up_port, ["PYTHONPATH=" + tree])
@@ -890,25 +915,33 @@ def main(argv=None):
         def pids_of(name):
             return lambda: serving_pids(live[name])
 
-        plain_lua = os.path.join(tmp, "plain.lua")
-        stream_lua = os.path.join(tmp, "stream.lua")
-        Path(plain_lua).write_text(WRK_PLAIN.format(body=CHAT_BODY, auth=AUTH))
-        Path(stream_lua).write_text(WRK_STREAM.format(body=STREAM_BODY, auth=AUTH))
+        scripts = {}
+
+        def lua(kind, port):
+            """The wrk script of one kind ("plain", "stream") with the Authorization this port takes."""
+            key = (kind, auth(port))
+            if key not in scripts:
+                scripts[key] = os.path.join(tmp, "%s.%d.lua" % (kind, len(scripts)))
+                template, body = (WRK_PLAIN, CHAT_BODY) if kind == "plain" else (WRK_STREAM, STREAM_BODY)
+                Path(scripts[key]).write_text(template.format(body=body, auth=auth(port)))
+            return scripts[key]
+
         url = "http://%s:%%d/v1/chat/completions" % HOST
 
         # warm-up (not recorded): imports, pools, first allocations
         for name in live:
-            run_wrk(url % results["proxies"][name]["port"], plain_lua, 32, 1, 1, pin_load)
-            run_wrk(url % results["proxies"][name]["port"], stream_lua, 200, 1, 1, pin_load)
+            port = results["proxies"][name]["port"]
+            run_wrk(url % port, lua("plain", port), 32, 1, 1, pin_load)
+            run_wrk(url % port, lua("stream", port), 200, 1, 1, pin_load)
 
         for rnd in range(args.rounds):
             order = list(live) if rnd % 2 == 0 else list(reversed(list(live)))
             if rnd == 0:  # the upstream alone, as the ceiling (once)
                 u = {}
                 if "plain" not in skip:
-                    u["plain"] = run_wrk(url % up_port, plain_lua, 32, args.duration, args.wrk_threads, pin_load)
+                    u["plain"] = run_wrk(url % up_port, lua("plain", up_port), 32, args.duration, args.wrk_threads, pin_load)
                 if "streams" not in skip:
-                    u["streams"] = run_wrk(url % up_port, stream_lua, 200, args.duration, args.wrk_threads, pin_load)
+                    u["streams"] = run_wrk(url % up_port, lua("stream", up_port), 200, args.duration, args.wrk_threads, pin_load)
                 results["upstream"].append(u)
                 log("round %d upstream alone: %s req/s, %s streams/s" % (
                     rnd + 1, u.get("plain", {}).get("rps"), _r(u.get("streams", {}).get("completed_per_s"))))
@@ -921,11 +954,11 @@ def main(argv=None):
                 pids = pids_of(name)
                 if "plain" not in skip:
                     used = cpu_seconds(pids())
-                    r["plain"] = run_wrk(url % port, plain_lua, 32, args.duration, args.wrk_threads, pin_load)
+                    r["plain"] = run_wrk(url % port, lua("plain", port), 32, args.duration, args.wrk_threads, pin_load)
                     per_request(r["plain"], cpu_seconds(pids()) - used, "requests")
                 if "streams" not in skip:
                     used = cpu_seconds(pids())
-                    r["streams"] = run_wrk(url % port, stream_lua, 200, args.duration, args.wrk_threads, pin_load)
+                    r["streams"] = run_wrk(url % port, lua("stream", port), 200, args.duration, args.wrk_threads, pin_load)
                     per_request(r["streams"], cpu_seconds(pids()) - used, "completed")
                 if "latency" not in skip:
                     r["latency"] = added_latency(port, up_port, args.latency_n, 30)
@@ -969,7 +1002,7 @@ def main(argv=None):
                         port = results["proxies"][name]["port"]
                         for _ in range(20):  # a little traffic first: pools, lazy imports
                             http_get_ok(port)
-                        run_wrk(url % port, stream_lua, 50, 1, 1, pin_load)
+                        run_wrk(url % port, lua("stream", port), 50, 1, 1, pin_load)
                         drained(name, port)
                         m["hold"] = hold_streams(port, args.streams, pids_of(name))
                 stop_proxy(name)

@@ -8,7 +8,8 @@ test. Listens on 127.0.0.1 only.
 Endpoints
   POST /v1/chat/completions
         body {"stream": true, ...} -> text/event-stream, chunked: N
-        `data: {chat.completion.chunk}` events, then `data: [DONE]`.
+        `data: {chat.completion.chunk}` events, then `data: [DONE]` (with
+        stream_options.include_usage, a usage chunk before it, as OpenAI sends).
         N and the pause between events come from --chunks/--interval, and can be
         overridden per request with the query (?chunks=3&interval=0.05) or the
         headers x-bench-chunks / x-bench-interval (the query survives every
@@ -105,9 +106,11 @@ def _frame(payload):
 _events_cache = {}
 
 
-def stream_events(n):
-    """The n+1 chunked-framed SSE events of one streamed completion (cached)."""
-    ev = _events_cache.get(n)
+def stream_events(n, usage=False):
+    """The n+1 chunked-framed SSE events of one streamed completion (cached); with `usage` (the request asked
+    for stream_options.include_usage) every chunk carries "usage":null and a usage-only chunk comes last before
+    [DONE], as OpenAI streams it."""
+    ev = _events_cache.get((n, usage))
     if ev is None:
         ev = []
         for i in range(n):
@@ -130,11 +133,19 @@ def stream_events(n):
                     }
                 ],
             }
+            if usage:
+                obj["usage"] = None
             ev.append(_frame(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"))
+        if usage:
+            last = {"id": "chatcmpl-bench0000000000000000000000", "object": "chat.completion.chunk",
+                    "created": CREATED, "model": MODEL, "system_fingerprint": None, "choices": [],
+                    "usage": {"prompt_tokens": 9, "completion_tokens": max(0, n - 2),
+                              "total_tokens": 9 + max(0, n - 2)}}
+            ev.append(_frame(b"data: " + json.dumps(last, separators=(",", ":")).encode() + b"\n\n"))
         ev.append(_frame(b"data: [DONE]\n\n"))
         ev = tuple(ev)
         if len(_events_cache) < 256:
-            _events_cache[n] = ev
+            _events_cache[(n, usage)] = ev
     return ev
 
 
@@ -256,7 +267,9 @@ class UpstreamProtocol(asyncio.Protocol):
                 except ValueError:
                     payload = None
                 if isinstance(payload, dict) and payload.get("stream") is True:
-                    self._start_stream(query, headers, ka)
+                    options = payload.get("stream_options")
+                    usage = isinstance(options, dict) and options.get("include_usage") is True
+                    self._start_stream(query, headers, ka, usage)
                     return
             self.transport.write(RESP_COMPLETION[ka])
         elif path == "/v1/models" and method in ("GET", "HEAD"):
@@ -297,7 +310,7 @@ class UpstreamProtocol(asyncio.Protocol):
             self._done(self._pump_ka)
 
     # -- SSE stream ------------------------------------------------------------
-    def _start_stream(self, query, headers, ka):
+    def _start_stream(self, query, headers, ka, usage=False):
         chunks, interval = self.chunks, self.interval
         if query:
             q = dict(parse_qsl(query))
@@ -307,7 +320,7 @@ class UpstreamProtocol(asyncio.Protocol):
             chunks = int(headers["x-bench-chunks"])
         if "x-bench-interval" in headers:
             interval = float(headers["x-bench-interval"])
-        ev = stream_events(max(1, chunks))
+        ev = stream_events(max(1, chunks), usage)
         t = self.transport
         t.write(STREAM_HEAD[ka])
         if interval <= 0:
