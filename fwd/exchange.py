@@ -222,7 +222,10 @@ class Exchange:
         request = self.request
         request.setResponseCode(status, clean_phrase(response.phrase))
         out = request.responseHeaders
+        ticket = self.ticket
         for name, values in response_headers(response.headers.getAllRawHeaders(), getattr(response, "connection", None)):
+            if ticket is not None and name.startswith(b"x-ratelimit-"):
+                continue  # a limited caller sees its own limits, in OpenAI's header names, not the organisation's
             out.setRawHeaders(name, values)
         content_type = response.headers.getRawHeaders(b"content-type")
         stream = is_event_stream(content_type)
@@ -234,10 +237,13 @@ class Exchange:
             out.removeHeader(b"content-length")
         elif response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
-        if self.ticket is not None:
-            # A limited caller sees its own limits, in OpenAI's header names, not the upstream organisation's.
-            for name, value in self.ticket.headers():
-                out.setRawHeaders(name, [value])
+        if ticket is not None:
+            channel = request.channel
+            if hasattr(channel, "head_lines"):
+                channel.head_lines = ticket.head_lines()  # the daemon's own channel writes them as they are
+            else:
+                for name, value in ticket.headers():
+                    out.setRawHeaders(name, [value])
         if self.metering is not None:
             self.metering.started(status, stream)
         if self.transcript is not None:

@@ -132,9 +132,9 @@ class Gateway:
         ask = self.config.stream_usage if route.stream_usage is None else route.stream_usage
         return Terms(plan, kind, ask, route.default_max_tokens)
 
-    def admit(self, terms: Terms, facts) -> defer.Deferred:
-        """Admit a request on its limits: a Deferred of its Ticket, or of the Refusal it gets (fwd.quota.refused
-        is its 429)."""
+    def admit(self, terms: Terms, facts):
+        """Admit a request on its limits: its Ticket or the Refusal it gets (fwd.quota.refused is its 429), at once
+        or in a Deferred, as the quota store answers."""
         values = facts.values
         reserved = reservation(
             terms.kind, facts.json_size, values, terms.default_max, self.config.prices, values.get("model")

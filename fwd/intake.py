@@ -15,10 +15,11 @@ import time
 from collections.abc import Iterable
 
 import attrs
+import orjson
 from twisted.internet import defer, task
 
 from fwd import errors, models
-from fwd.jsonscan import BUDGET, OBJECT, Members, Scanner
+from fwd.jsonscan import BUDGET, OBJECT, Members, Scanner, scan
 from fwd.transcripts.assembly import DEFAULT_LIMIT, transcript_kind
 
 # The top-level parameters a transcript keeps of a request too big to keep whole (the rest of it is cut).
@@ -29,6 +30,9 @@ TRANSCRIPT_PARAMETERS = (
     "top_logprobs", "modalities", "encoding_format", "dimensions", "metadata", "truncation", "background",
 )
 SMALL_VALUE = 4096
+# A JSON body read only for metering and limits is decoded at once up to this size (tens of microseconds at
+# worst); larger ones are scanned in slices like any other.
+AT_ONCE = 16 * 1024
 
 
 @attrs.frozen
@@ -84,12 +88,14 @@ def cooperator_for(clock) -> task.Cooperator:
     return task.Cooperator(terminationPredicateFactory=_one_slice, scheduler=lambda run: clock.callLater(0, run))
 
 
-def read_members(body, names: Iterable[str], cooperator: task.Cooperator, budget: int = BUDGET) -> defer.Deferred:
-    """The requested top-level members of a JSON body (bytes, or a memory map of a spooled one); fires at
-    once for a body read in one slice, and stops reading when cancelled."""
+def read_members(body, names: Iterable[str], cooperator: task.Cooperator, budget: int = BUDGET):
+    """The requested top-level members of a JSON body (bytes, or a memory map of a spooled one): the Members
+    at once for a body read in one slice, else a Deferred of them that stops reading when cancelled."""
+    if len(body) <= SMALL_VALUE:
+        return scan(body, names, SMALL_VALUE)  # a few kilobytes: less work than a slice
     scanner = Scanner(body, names, SMALL_VALUE)
     if scanner.step(budget):
-        return defer.succeed(scanner.result)
+        return scanner.result
 
     def slices():
         while not scanner.step(budget):
@@ -110,6 +116,18 @@ def read_members(body, names: Iterable[str], cooperator: task.Cooperator, budget
 
     reading.whenDone().addCallbacks(lambda _: done.called or done.callback(scanner.result), failed)
     return done
+
+
+def parameters(body: bytes, names: Iterable[str]) -> Members | None:
+    """The requested top-level members of a small JSON body, as a lenient parser (the upstream's) reads them: the
+    last of a duplicated name wins.  None when the body is not a JSON object."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(document) is not dict:
+        return None
+    return Members(OBJECT, {name: document[name] for name in names if name in document})
 
 
 def body_size(content) -> int:
@@ -142,13 +160,14 @@ def body_bytes(content) -> bytes:
     return content.read()
 
 
-def read_request(gateway, request, admission, target: Target, wanted: Iterable[str] = ()) -> defer.Deferred:
-    """Read what forwarding this request needs from its body: a Deferred of its Facts.  `wanted` names more
-    top-level members to read from a JSON body (the parameters of metering and limits)."""
+def read_request(gateway, request, admission, target: Target, wanted: Iterable[str] = ()):
+    """Read what forwarding this request needs from its body: its Facts, or a Deferred of them when the body
+    is read in slices.  `wanted` names more top-level members to read from a JSON body (the parameters of
+    metering and limits)."""
     forward_key = admission.decision.forward_key
     limited = forward_key is not None and forward_key.models is not None
     if not limited and not gateway.log_chat and not wanted:
-        return defer.succeed(NOTHING_READ)
+        return NOTHING_READ
     size = body_size(request.content)
     names: list[str] = []
     headers = request.requestHeaders
@@ -174,10 +193,13 @@ def read_request(gateway, request, admission, target: Target, wanted: Iterable[s
     if not names:
         _close(view)
         if limited:
-            return defer.succeed(_judged(forward_key, request.method, target, named, None, json_size, None))
-        return defer.succeed(Facts(json_size=json_size))
+            return _judged(forward_key, request.method, target, named, None, json_size, None)
+        return Facts(json_size=json_size)
     _close(view)
     view = body_bytes(request.content)
+    if not limited and size <= AT_ONCE:
+        # Parameters for metering and limits only: what decides no access is read the way the upstream reads it.
+        return Facts(members=parameters(view, names), json_size=json_size, body=view)
     reading = read_members(view, names, gateway.cooperator)
 
     def judged(members: Members) -> Facts:
@@ -185,6 +207,9 @@ def read_request(gateway, request, admission, target: Target, wanted: Iterable[s
         if not limited:
             return Facts(members=members if members.kind == OBJECT else None, json_size=json_size, body=body)
         return _judged(forward_key, request.method, target, named + models.json_named(members), members, json_size, body)
+
+    if not isinstance(reading, defer.Deferred):
+        return judged(reading)
 
     def failed(reason):
         _close(view)

@@ -100,6 +100,8 @@ class Ledger(service.Service):
         self.flusher = task.LoopingCall(self.flush)
         self.flusher.clock = reactor
         self.write_errors = 0
+        self._day = ""
+        self._day_ends = 0.0
 
     def check(self) -> None:
         """Make sure DATA_DIR can hold the ledger (made if missing): if not, startup stops with one line."""
@@ -156,12 +158,16 @@ class Ledger(service.Service):
         """Count one forwarded request's access event, with its usage when it was counted."""
         if event.get("log_namespace") != ACCESS_NAMESPACE or not event.get("upstream"):
             return
-        model = event.get("model")
-        if not isinstance(model, str) or not model:
+        model = event.get("model", "-")
+        if type(model) is not str or not model:
             model = "-"
         elif len(model) > MAX_MODEL_LENGTH:
             model = "other"  # a client names the model: a name longer than any real one is not kept
-        key = (utc_day(self.clock.seconds()), event.get("caller") or "-", event.get("route") or "-", model)
+        now = self.clock.seconds()
+        if now >= self._day_ends:
+            self._day = utc_day(now)
+            self._day_ends = (now // 86400 + 1) * 86400
+        key = (self._day, event["caller"], event["route"], model)
         row = self.pending.get(key)
         if row is None:
             row = self.pending[key] = [0, 0, 0, 0, 0.0]
@@ -169,12 +175,14 @@ class Ledger(service.Service):
         tokens_in = event.get("input_tokens")
         if tokens_in is None:
             return
-        tokens_out = event.get("output_tokens") or 0
+        tokens_out = event["output_tokens"]
         row[1] += tokens_in
         row[2] += tokens_out
-        if event.get("estimated"):
+        if event["estimated"]:
             row[3] += tokens_in + tokens_out
-        row[4] += event.get("cost") or 0.0
+        cost = event["cost"]
+        if cost:
+            row[4] += cost
 
     def flush(self):
         """Write what was counted since the last flush, in the ledger's own thread."""

@@ -29,6 +29,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import attrs
 
@@ -95,13 +96,13 @@ def parse_rate(value: object) -> Rate:
 # ---- one limit: GCRA ---------------------------------------------------------------------------------------
 
 
-@attrs.frozen
-class Outcome:
+class Outcome(NamedTuple):
     """One limit's answer to one request: whether it fits, the limit's new state, and what to tell the client.
 
     `tat` is the state to store (unchanged when refused); `remaining` the units that would still fit now;
     `reset` the seconds until the limit is full again; `retry_after` the seconds until this cost would fit
-    (None when allowed, or when the cost exceeds the limit itself and never fits).
+    (None when allowed, or when the cost exceeds the limit itself and never fits).  A tuple: one is made for
+    every limit of every request.
     """
 
     allowed: bool
@@ -113,7 +114,7 @@ class Outcome:
 
 
 def _units(value: int) -> int:
-    return min(max(0, value), MAX_COST)
+    return 0 if value < 0 else value if value < MAX_COST else MAX_COST
 
 
 def slack(rate: Rate, now: float) -> float:
@@ -126,7 +127,8 @@ def admit_one(rate: Rate, tat: float, cost: int, now: float) -> Outcome:
     limit, period = rate.limit, rate.period
     emission = period / limit
     lag = tat - now if tat > now else 0.0
-    room = period + min(emission / 2, RELATIVE_SLACK * (abs(now) + period))  # inlined slack(rate, now)
+    tolerance = RELATIVE_SLACK * ((now if now > 0 else -now) + period)
+    room = period + (emission / 2 if emission / 2 < tolerance else tolerance)  # inlined slack(rate, now)
     if cost <= limit:  # compared as integers: a hostile size never reaches float arithmetic
         need = lag + (cost if cost > 0 else 0) * emission
         if need <= room:
@@ -150,7 +152,7 @@ def settle(tat: float, rate: Rate, reserved: int, actual: int, now: float) -> fl
 # ---- several limits, all or nothing ------------------------------------------------------------------------
 
 
-@attrs.frozen
+@attrs.define
 class Check:
     """One limit a request must fit: its id, rate, the request's cost and the limit's current state."""
 
@@ -160,7 +162,7 @@ class Check:
     tat: float
 
 
-@attrs.frozen
+@attrs.define
 class Verdict:
     """The answer of several limits together.
 
@@ -186,7 +188,7 @@ def admit_all(checks: Sequence[Check], now: float) -> Verdict:
     if not failing:
         return Verdict(True, outcomes)
     unchanged = tuple(
-        outcome if not outcome.allowed else attrs.evolve(admit_one(check.rate, check.tat, 0, now), tat=check.tat)
+        outcome if not outcome.allowed else admit_one(check.rate, check.tat, 0, now)._replace(tat=check.tat)
         for check, outcome in zip(checks, outcomes)
     )
     never = [check.limit_id for check, outcome in failing if outcome.retry_after is None]
@@ -264,7 +266,7 @@ def parse_budget(table: object) -> BudgetRule:
     )
 
 
-@attrs.frozen
+@attrs.define
 class Spend:
     """Tokens and money, used or reserved."""
 
@@ -389,7 +391,7 @@ def format_reset(seconds: float) -> str:
     """
     if not seconds > 0:
         return "0s"
-    ms = math.ceil(round(min(seconds, 1e12) * 1000, 6))
+    ms = math.ceil(round((seconds if seconds < 1e12 else 1e12) * 1000, 6))
     if ms < 1000:
         return f"{ms}ms"
     hours, rest = divmod(ms, 3_600_000)
@@ -406,6 +408,7 @@ def format_reset(seconds: float) -> str:
 _HEADER_NAMES = {
     unit: tuple(f"x-ratelimit-{part}-{unit}".encode() for part in ("limit", "remaining", "reset")) for unit in UNITS
 }
+_HEAD_LINES = {unit: b"%s: %%d\r\n%s: %%d\r\n%s: %%s\r\n" % names for unit, names in _HEADER_NAMES.items()}
 
 
 def rate_limit_headers(requests: Outcome | None = None, tokens: Outcome | None = None) -> list[tuple[bytes, bytes]]:
@@ -450,7 +453,7 @@ class RateCharge:
     unit: str = attrs.field(default="requests", validator=_check_unit)
 
 
-@attrs.frozen
+@attrs.define
 class BudgetCharge:
     """A request's estimated spend against one budget."""
 
@@ -460,12 +463,14 @@ class BudgetCharge:
 
 
 def _distinct(instance: object, attribute: attrs.Attribute, value: tuple) -> None:
+    if len(value) < 2:
+        return
     ids = [item.budget_id if isinstance(item, BudgetCharge) else item.limit_id for item in value]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{attribute.name} names the same limit twice")
 
 
-@attrs.frozen
+@attrs.define
 class Demand:
     """Everything one request asks of the limits: rate charges, parallel slots and budget reservations."""
 
@@ -473,14 +478,27 @@ class Demand:
     parallel: tuple[Parallel, ...] = attrs.field(default=(), converter=tuple, validator=_distinct)
     budgets: tuple[BudgetCharge, ...] = attrs.field(default=(), converter=tuple, validator=_distinct)
 
+    @classmethod
+    def of_plan(cls, rates: tuple, parallel: tuple, budgets: tuple) -> Demand:
+        """A Demand from tuples already known to name each limit once (fwd.quota builds them so, once per
+        caller), without checking them again for every request."""
+        demand = cls.__new__(cls)
+        # Past attrs' converters and validators, which run on every assignment too.
+        object.__setattr__(demand, "rates", rates)
+        object.__setattr__(demand, "parallel", parallel)
+        object.__setattr__(demand, "budgets", budgets)
+        return demand
+
 
 def tightest(pairs: Iterable[tuple[RateCharge, Outcome]], unit: str) -> Outcome | None:
     """The outcome to show for a unit: a refusing limit first, then the fewest remaining, then the latest reset."""
     chosen = [outcome for charge, outcome in pairs if charge.unit == unit]
-    return min(chosen, key=lambda o: (o.allowed, o.remaining, -o.reset), default=None)
+    if len(chosen) < 2:
+        return chosen[0] if chosen else None
+    return min(chosen, key=lambda o: (o.allowed, o.remaining, -o.reset))
 
 
-@attrs.frozen
+@attrs.define
 class Ticket:
     """An admitted request: what it holds until `Limiter.settle` or `Limiter.release` ends it.
 
@@ -492,10 +510,21 @@ class Ticket:
     parallel: tuple[str, ...]
     budgets: tuple[tuple[BudgetCharge, str], ...]
     outcomes: tuple[tuple[RateCharge, Outcome], ...]
+    tokens: int | None = None
+    spend: Spend | None = None
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """The x-ratelimit-* headers of the tightest requests and tokens limits."""
         return rate_limit_headers(tightest(self.outcomes, "requests"), tightest(self.outcomes, "tokens"))
+
+    def head_lines(self) -> bytes:
+        """The same headers as lines of an HTTP/1.1 response head."""
+        lines = b""
+        for unit in UNITS:
+            outcome = tightest(self.outcomes, unit)
+            if outcome is not None:
+                lines += _HEAD_LINES[unit] % (outcome.limit, outcome.remaining, format_reset(outcome.reset).encode())
+        return lines
 
 
 @attrs.frozen
@@ -561,41 +590,75 @@ class Limiter:
         # Rate states count from here: small times keep float rounding far below one unit (see the module doc).
         self._origin = self.clock.seconds()
 
-    def admit(self, demand: Demand) -> Ticket | Refusal:
-        """Admit a request on every limit at once (rates, budgets, parallel caps) or refuse it changing nothing."""
+    def admit(self, demand: Demand, tokens: int | None = None, spend: Spend | None = None) -> Ticket | Refusal:
+        """Admit a request on every limit at once (rates, budgets, parallel caps) or refuse it changing nothing.
+
+        `tokens` and `spend`, when given, are the request's reservation: every "tokens" charge costs `tokens` and
+        every budget reserves `spend`, whatever the charges say, so a caller's Demand is built once and serves
+        all its requests (fwd.quota)."""
         unix = self.clock.seconds()
         now = unix - self._origin
         if len(self._tats) >= self._prune_at:
             self.prune()
+        # The common case, that everything fits, in one pass; any refusal is worked out by `_refusal`.
+        tats = self._tats
+        outcomes = []
+        for charge in demand.rates:
+            cost = tokens if tokens is not None and charge.unit == "tokens" else charge.cost
+            outcome = admit_one(charge.rate, tats.get(charge.limit_id, now), cost, now)
+            if not outcome[0]:
+                return self._refusal(demand, unix, now, tokens, spend)
+            outcomes.append((charge, outcome))
+        budgets = ()
+        if demand.budgets:
+            budgets = []
+            for charge in demand.budgets:
+                usage = self._usage(charge.budget_id, charge.rule.period, unix)
+                if not budget_fits(charge.rule, usage.used, usage.reserved, charge.spend if spend is None else spend):
+                    return self._refusal(demand, unix, now, tokens, spend)
+                budgets.append((charge, usage))
+        parallel = demand.parallel
+        if parallel:
+            in_flight = self._in_flight
+            for cap in parallel:
+                if in_flight.get(cap.limit_id, 0) >= cap.cap:
+                    return self._refusal(demand, unix, now, tokens, spend)
+            for cap in parallel:
+                in_flight[cap.limit_id] = in_flight.get(cap.limit_id, 0) + 1
+            parallel = tuple([cap.limit_id for cap in parallel])
+        for charge, outcome in outcomes:
+            tats[charge.limit_id] = outcome[1]
+        for charge, usage in budgets:
+            usage.reserved += charge.spend if spend is None else spend
+        self._numbers += 1
+        self._open.add(self._numbers)
+        return Ticket(self._numbers, demand.rates, parallel, tuple([(c, u.key) for c, u in budgets]), tuple(outcomes),
+                      tokens, spend)
+
+    def _refusal(self, demand: Demand, unix: float, now: float, tokens: int | None, spend: Spend | None) -> Refusal:
+        """Why a request that does not fit is refused: a spent budget first, then a rate (the longest wait over
+        the failing limits, or none when one never fits), then a parallel cap."""
+        if tokens is not None or spend is not None:
+            demand = Demand(
+                [attrs.evolve(c, cost=tokens) if tokens is not None and c.unit == "tokens" else c for c in demand.rates],
+                demand.parallel,
+                [attrs.evolve(c, spend=spend) if spend is not None else c for c in demand.budgets],
+            )
         checks = [Check(c.limit_id, c.rate, c.cost, self._tats.get(c.limit_id, now)) for c in demand.rates]
         verdict = admit_all(checks, now)
-        outcomes = tuple(zip(demand.rates, verdict.outcomes))
-        budgets = []
         for charge in demand.budgets:
             usage = self._usage(charge.budget_id, charge.rule.period, unix)
             if not budget_fits(charge.rule, usage.used, usage.reserved, charge.spend):
                 renews = self._period(charge.rule.period, unix)[1]
                 message = budget_message(charge.rule, usage.used, usage.reserved, renews)
-                looking = _looking(demand, checks, now)
-                return Refusal("budget", charge.budget_id, renews - unix, looking, renews, message)
-            budgets.append((charge, usage.key))
+                return Refusal("budget", charge.budget_id, renews - unix, _looking(demand, checks, now), renews, message)
         if not verdict.allowed:
             reason = "too_large" if verdict.retry_after is None else "rate"
-            return Refusal(reason, verdict.failed, verdict.retry_after, outcomes)
+            return Refusal(reason, verdict.failed, verdict.retry_after, tuple(zip(demand.rates, verdict.outcomes)))
         for cap in demand.parallel:
             if not cap.fits(self._in_flight.get(cap.limit_id, 0)):
                 return Refusal("parallel", cap.limit_id, None, _looking(demand, checks, now))
-        for check, outcome in zip(checks, verdict.outcomes):
-            self._tats[check.limit_id] = outcome.tat
-        for cap in demand.parallel:
-            self._in_flight[cap.limit_id] = self._in_flight.get(cap.limit_id, 0) + 1
-        for charge, _ in budgets:
-            usage = self._budgets[charge.budget_id]
-            usage.reserved += charge.spend
-        self._numbers += 1
-        self._open.add(self._numbers)
-        parallel = tuple(cap.limit_id for cap in demand.parallel)
-        return Ticket(self._numbers, demand.rates, parallel, tuple(budgets), outcomes)
+        raise AssertionError("_refusal of a request that fits")
 
     def settle(self, ticket: Ticket, tokens: int, cost: float | None = None) -> None:
         """End an exchange with its real usage: token limits and budgets take `tokens` (and `cost`, when known)
@@ -605,21 +668,24 @@ class Limiter:
         now = self.clock.seconds() - self._origin
         for charge in ticket.rates:
             if charge.unit == "tokens":
-                tat = settle(self._tats.get(charge.limit_id, now), charge.rate, charge.cost, tokens, now)
+                reserved = charge.cost if ticket.tokens is None else ticket.tokens
+                tat = settle(self._tats.get(charge.limit_id, now), charge.rate, reserved, tokens, now)
                 if tat > now:
                     self._tats[charge.limit_id] = tat
                 else:
                     self._tats.pop(charge.limit_id, None)
         for charge, key in ticket.budgets:
-            actual = Spend(_units(tokens), charge.spend.cost if cost is None else max(0.0, cost))
-            self._spend(charge, key, actual)
+            reserved = charge.spend if ticket.spend is None else ticket.spend
+            actual = Spend(_units(tokens), reserved.cost if cost is None else max(0.0, cost))
+            self._spend(charge, key, reserved, actual)
 
     def release(self, ticket: Ticket) -> None:
         """End an exchange whose usage is unknown: the reservations stand as the charge; parallel slots are freed."""
         if not self._end(ticket):
             return
         for charge, key in ticket.budgets:
-            self._spend(charge, key, charge.spend)
+            reserved = charge.spend if ticket.spend is None else ticket.spend
+            self._spend(charge, key, reserved, reserved)
 
     def seed(self, budget_id: str, period: str, used: Spend) -> bool:
         """Start a budget's current period with what was spent in it before this process started (the usage
@@ -672,12 +738,12 @@ class Limiter:
                 self._in_flight.pop(name, None)
         return True
 
-    def _spend(self, charge: BudgetCharge, key: str, actual: Spend) -> None:
+    def _spend(self, charge: BudgetCharge, key: str, reserved: Spend, actual: Spend) -> None:
         usage = self._budgets.get(charge.budget_id)
         # A request counts in the period it was admitted in; once that period has gone, so has its reservation.
         if usage is None or usage.key != key:
             return
-        usage.reserved -= charge.spend
+        usage.reserved -= reserved
         usage.used += actual
 
     def _usage(self, budget_id: str, period: str, now: float) -> _Usage:

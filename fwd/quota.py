@@ -7,8 +7,8 @@ and the budget, one slot of each `max_parallel`.  The reservation is the prompt 
 plus what it may generate (`max_tokens`, `max_completion_tokens` or `max_output_tokens`, else the route's
 `default_max_tokens`, times `n`); the real usage replaces it when the exchange ends.
 
-The store is the Limiter of fwd.limits in this process (`LocalQuota`), the supervisor's Limiter for a worker of
---workers (fwd.quota_line), or Redis (fwd.redis_state).  All answer in a Deferred.
+The store is the Limiter of fwd.limits in this process (`LocalQuota`, which answers at once), or the supervisor's
+Limiter for a worker of --workers (fwd.quota_line, which answers in a Deferred).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import attrs
-from twisted.internet import defer
 
 from fwd import errors
 from fwd.config import Limits, Route
@@ -40,10 +39,10 @@ GENERATING = frozenset({"chat", "completions", "responses"})
 class QuotaStore(Protocol):
     """Where admission decisions are made: one process, the supervisor of --workers, or Redis.
 
-    `admit` fires with a Ticket (something with `headers()`, ended by exactly one `settle` or `release`) or a
-    Refusal; it never fails for a reason of the request's own."""
+    `admit` gives a Ticket (something with `headers()` and `head_lines()`, ended by exactly one `settle` or
+    `release`) or a Refusal, at once or in a Deferred; it never fails for a reason of the request's own."""
 
-    def admit(self, plan: Plan, reserved: Reservation) -> defer.Deferred: ...
+    def admit(self, plan: Plan, reserved: Reservation): ...
 
     def settle(self, ticket, tokens: int, cost: float | None) -> None: ...
 
@@ -56,8 +55,8 @@ class LocalQuota:
 
     limiter: Limiter
 
-    def admit(self, plan: Plan, reserved: Reservation) -> defer.Deferred:
-        return defer.succeed(self.limiter.admit(demand_for(plan, reserved)))
+    def admit(self, plan: Plan, reserved: Reservation) -> Ticket | Refusal:
+        return plan.admit(self.limiter, reserved)
 
     def settle(self, ticket: Ticket, tokens: int, cost: float | None) -> None:
         self.limiter.settle(ticket, tokens, cost)
@@ -74,9 +73,22 @@ class Plan:
     tokens: tuple[tuple[str, object], ...]
     parallel: tuple[Parallel, ...]
     budget: tuple[str, object] | None
+    # Its limits as one Demand, built once: each request brings its reservation to it (fwd.limits.Limiter.admit).
+    demand: Demand = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        rates = self.requests + tuple(RateCharge(name, rate, 0, "tokens") for name, rate in self.tokens)
+        budgets = () if self.budget is None else (BudgetCharge(self.budget[0], self.budget[1], Spend()),)
+        object.__setattr__(self, "demand", Demand(rates, self.parallel, budgets))
 
     def __bool__(self) -> bool:
         return bool(self.requests or self.tokens or self.parallel or self.budget)
+
+    def admit(self, limiter: Limiter, reserved: Reservation) -> Ticket | Refusal:
+        """Admit one request of this caller on `limiter`, reserving `reserved`."""
+        tokens = reserved.prompt + reserved.output
+        spend = None if self.budget is None else Spend(tokens, reserved.cost or 0.0)
+        return limiter.admit(self.demand, tokens, spend)
 
 
 def plan_for(route: Route, caller: str | None, key_limits: Limits) -> Plan:
@@ -157,12 +169,15 @@ def reservation(kind: str | None, json_bytes: int, members: dict, default_max: i
 
 def demand_for(plan: Plan, reserved: Reservation) -> Demand:
     """The Demand of one request: the plan's limits charged with its reservation."""
-    rates = plan.requests + tuple(RateCharge(name, rate, reserved.tokens, "tokens") for name, rate in plan.tokens)
+    tokens = reserved.prompt + reserved.output
+    rates = plan.requests
+    if plan.tokens:
+        rates = rates + tuple(RateCharge(name, rate, tokens, "tokens") for name, rate in plan.tokens)
     budgets = ()
     if plan.budget is not None:
         name, rule = plan.budget
-        budgets = (BudgetCharge(name, rule, Spend(reserved.tokens, reserved.cost or 0.0)),)
-    return Demand(rates, plan.parallel, budgets)
+        budgets = (BudgetCharge(name, rule, Spend(tokens, reserved.cost or 0.0)),)
+    return Demand.of_plan(rates, plan.parallel, budgets)
 
 
 def refused(refusal: Refusal) -> errors.ProxyError:

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from fwd import errors
 from fwd.limits import BudgetRule, Limiter, Parallel, Rate, RateCharge, Refusal, Ticket
-from fwd.quota import Plan, Reservation, demand_for
+from fwd.quota import Plan, Reservation
 
 log = Logger(namespace="fwd.quota")
 
@@ -76,6 +76,9 @@ class LineTicket:
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return list(self.sent_headers)
+
+    def head_lines(self) -> bytes:
+        return b"".join([b"%s: %s\r\n" % pair for pair in self.sent_headers])
 
 
 @attrs.frozen
@@ -189,7 +192,7 @@ class QuotaServer:
                 self.plans.clear()
             plan = self.plans[key] = plan_from(message["plan"])
         prompt, output, cost = message["reserved"]
-        outcome = self.limiter.admit(demand_for(plan, Reservation(int(prompt), int(output), cost)))
+        outcome = plan.admit(self.limiter, Reservation(int(prompt), int(output), cost))
         if isinstance(outcome, Refusal):
             return orjson.dumps({
                 "refused": message["admit"], "reason": outcome.reason, "limit_id": outcome.limit_id,

@@ -70,9 +70,12 @@ class ForwardResource(Resource):
         return NOT_DONE_YET
 
     @staticmethod
-    def _when(waiting: defer.Deferred, request, then, *args) -> None:
-        """Go on with `then` once `waiting` fires: at once when it already has, else when it does (a large body
-        read in slices, a limit decided elsewhere), unless the client left meanwhile."""
+    def _when(waiting, request, then, *args) -> None:
+        """Go on with `then` once `waiting` (a value, or a Deferred of it) is known: at once when it is, else
+        when it fires (a large body read in slices, a limit decided elsewhere), unless the client left meanwhile."""
+        if not isinstance(waiting, defer.Deferred):
+            then(waiting, *args)
+            return
         if waiting.called:
             then(waiting.result, *args)
             return
@@ -91,7 +94,9 @@ class ForwardResource(Resource):
         if not terms.plan:
             self._forward(None, request, active, admission, target, terms, facts)
             return
-        deciding = self.gateway.admit(terms, facts).addErrback(self._undecided)
+        deciding = self.gateway.admit(terms, facts)
+        if isinstance(deciding, defer.Deferred):
+            deciding.addErrback(self._undecided)
         self._when(deciding, request, self._forward, request, active, admission, target, terms, facts)
 
     @staticmethod

@@ -21,6 +21,7 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
 from fwd import answers, errors, http2, private
@@ -170,6 +171,7 @@ class ForwardChannel(private.BadRequestHook, HTTPChannel):
     """twisted.web's HTTP/1.1 channel, strict about message framing and with a deadline for request heads."""
 
     head_line: tuple[bytes, bytes, bytes] | None = None
+    head_lines: bytes | None = None
     _head_deadline = None
     _in_head = False
     _busy = False
@@ -193,6 +195,23 @@ class ForwardChannel(private.BadRequestHook, HTTPChannel):
             # proxy must, as the hop in front of it may have read the headers differently.
             return self.bad_request()
         super().lineReceived(line)
+
+    def writeHeaders(self, version, code, reason, headers):
+        """The response head in one write of one bytes: twisted.web's own hands the transport a sequence that it
+        checks piece by piece, four pieces a header.  `head_lines`, when set, are header lines the proxy made
+        itself (the rate-limit headers of fwd.limits: fixed names, digits), already framed, for this head only."""
+        if not isinstance(headers, Headers):
+            return super().writeHeaders(version, code, reason, headers)
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head += (name, b": ", value, b"\r\n")
+        extra = self.head_lines
+        if extra:
+            self.head_lines = None
+            head.append(extra)
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head))
 
     def headerReceived(self, line):
         name, _, value = line.partition(b":")

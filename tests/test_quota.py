@@ -53,7 +53,9 @@ class Events:
 
 def test_a_key_limited_to_10_a_second_gets_10_of_50_at_once_the_rest_429_with_openais_headers(tmp_path):
     proxy = proxy_with(tmp_path, 'rpm = "10/second"')
-    answers = [split_response(proxy.raw(request(ALICE, chat())).value()) for _ in range(50)]
+    raw = [proxy.raw(request(ALICE, chat())).value() for _ in range(50)]
+    assert raw[0].lower().count(b"\r\nx-ratelimit-limit-requests:") == 1, "the upstream's own is not passed on"
+    answers = [split_response(answer) for answer in raw]
     statuses = [status for status, _, _ in answers]
     assert statuses.count(200) == 10 and statuses.count(429) == 40
     status, headers, body = answers[-1]
