@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
@@ -326,6 +326,7 @@ def proxy(upstream, tmp_path_factory, request):
         "TIMEOUT": f"{TIMEOUT:g}",
         "IDLE_TIMEOUT": f"{IDLE:g}",
         "MAX_BODY_SIZE": str(MAX_BODY),
+        "CHECK_KEYS": "false",  # its GET /v1/models at startup would be taken for a request of the first test
     }
     process = DaemonProcess(env=env, cwd=str(home))
     process.start()
@@ -771,6 +772,7 @@ ODD_PATHS = [
     "/openai/.%2e/admin", "/openai%2f..%2fadmin", "/openai/v1/%2e/models", "/openai/..\\admin",
     "/openai/v1/%5c..%5cadmin", "/openaiX/v1/models", "/OPENAI/v1/models", "//openai/v1/models",
     "/openai/v1/models/%C3%A9", "/openai/v1/%00", "/openai/v1/%252e%252e/admin", "/openai/v1/models?x=/../..",
+    "/openai/openai/;", "/openai/v1/models;?a=b",
 ]
 
 
@@ -813,6 +815,9 @@ PIECES = ["openai", "OPENAI", "openai%2f", "v1", "models", "..", ".", "%2e", "%2
                                                                           max_size=7))
 def test_property_no_generated_path_escapes_the_route_prefix(pieces, joins):
     path = "/" + "".join(p + j for p, j in zip(pieces, joins))
+    # The in-memory upstream (treq.testing) parses the URL it is given and drops an empty `;` parameter of the
+    # last segment; the daemon sends it as it came, which ODD_PATHS checks on real sockets.
+    assume(re.search(r";(\?|$)", path.partition("?")[0] + "?") is None)
     proxy = MemoryProxy(route_prefix=PREFIX)
     transport = proxy.raw(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: p\r\n\r\n")
     status = split_response(transport.value())[0]
