@@ -65,8 +65,9 @@ LIMITS_TOML = """\
 [[route]]
 base_url = "http://{host}:{up_port}"
 api_keys = ["{pool}"]
-forward_keys = [{{ key = "{key}", name = "bench", rpm = "1000000000/minute", tpm = "1000000000/minute",
-                  budget = {{ tokens = 1000000000000000, period = "month" }} }}]
+forward_keys = [
+  {{ key = "{key}", name = "bench", rpm = "1000000000/minute", tpm = "1000000000/minute", budget = {{ tokens = 1000000000000000, period = "month" }} }},
+]
 """
 # The Authorization each proxy port is sent (fwd+limits takes its forward key); AUTH elsewhere.
 AUTH_BY_PORT = {}

@@ -12,7 +12,13 @@ import timeit
 
 import orjson
 
-from fwd.usage import ABSENT, StreamMeter, UsageStripper, parse_answer, with_include_usage
+from fwd.usage import (
+    ABSENT,
+    StreamMeter,
+    UsageStripper,
+    parse_answer,
+    with_include_usage,
+)
 
 USAGE = {"prompt_tokens": 19, "completion_tokens": 20, "total_tokens": 39,
          "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
