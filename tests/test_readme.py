@@ -32,3 +32,15 @@ def test_the_readme_opens_with_the_run_command_and_the_test_command():
     blocks = re.findall(r"```bash\n(.*?)```", README, re.DOTALL)
     assert "pip install ." in blocks[0] and "twistd -n openai-forward" in blocks[0]
     assert 'pip install ".[test]"' in blocks[1] and "python -m pytest" in blocks[1]
+
+
+def test_every_toml_example_is_a_configuration_the_daemon_accepts(tmp_path):
+    from fwd import config
+
+    blocks = re.findall(r"```toml\n(.*?)```", README, re.DOTALL)
+    assert len(blocks) >= 2
+    for number, block in enumerate(blocks):
+        path = tmp_path / f"example{number}.toml"
+        path.write_text(block)
+        loaded = config.load({}, environ={}, dotenv_path=None, config_file=str(path))
+        assert loaded.routes, block
