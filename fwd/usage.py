@@ -379,7 +379,9 @@ class StreamMeter:
         self._held = bytearray()
         self._long: bytearray | None = None
         self._a = self._b = self._c = b""
-        self._long_usage: Usage | None = None
+        # The latest usage of the events that left the last three blocks (usage is usually at the end, but an
+        # upstream may send it earlier).
+        self._earlier: Usage | None = None
 
     def feed(self, chunk: bytes) -> None:
         """Take one relayed chunk."""
@@ -389,9 +391,18 @@ class StreamMeter:
         n = chunk.count(b"data:")
         if n:
             self.events += n
-            self._a, self._b, self._c = self._b, self._c, chunk
+            self._keep(chunk)
             if self._count_deltas:
                 self.deltas += chunk.count(b'.delta"')
+
+    def _keep(self, block: bytes) -> None:
+        """Make `block` the newest of the three kept; the oldest leaves, with its usage if it had one."""
+        leaving = self._a
+        if _USAGE in leaving and leaving.count(_USAGE) != leaving.count(_USAGE_NULL):
+            found = self._in_block(leaving)
+            if found is not None:
+                self._earlier = found
+        self._a, self._b, self._c = self._b, self._c, block
 
     def close(self) -> None:
         """The upstream body ended: take in an event it left without its blank line."""
@@ -407,13 +418,20 @@ class StreamMeter:
         """The usage the upstream reported last, None when none arrived (yet)."""
         for block in (self._c, self._b, self._a):
             if _USAGE in block and block.count(_USAGE) != block.count(_USAGE_NULL):
-                for start, end, _ in reversed(_events(block)):
-                    event = block[start:end]
-                    if _USAGE in event and event.count(_USAGE) != event.count(_USAGE_NULL):
-                        found = self._read(event)
-                        if found is not None:
-                            return found
-        return self._long_usage
+                found = self._in_block(block)
+                if found is not None:
+                    return found
+        return self._earlier
+
+    def _in_block(self, block: bytes) -> Usage | None:
+        """The last usage in one block of whole events."""
+        for start, end, _ in reversed(_events(block)):
+            event = block[start:end]
+            if _USAGE in event and event.count(_USAGE) != event.count(_USAGE_NULL):
+                found = self._read(event)
+                if found is not None:
+                    return found
+        return None
 
     @property
     def done(self) -> bool:
@@ -425,7 +443,7 @@ class StreamMeter:
         n = block.count(b"data:")
         if n:
             self.events += n
-            self._a, self._b, self._c = self._b, self._c, block
+            self._keep(block)
             if self._count_deltas:
                 self.deltas += block.count(b'.delta"')
 
@@ -496,7 +514,7 @@ class StreamMeter:
         found = None
         if _USAGE in tail:
             found = usage_from_json(self.kind, _usage_from_tail(tail, 2 if self.kind == "responses" else 1))
-        self._long_usage = found
+        self._earlier = found if found is not None else self.usage
         self._a = self._b = self._c = b""
 
 
