@@ -18,9 +18,10 @@ setup(
         "pyopenssl>=24.2",
         "prometheus-client>=0.20",
         "orjson>=3.9",
+        "txredisapi>=1.4.10",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "openai>=1.40"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "openai>=1.40", "redis>=5"],
     },
     entry_points={"console_scripts": ["openai-forward = fwd.cli:main"]},
     classifiers=["Framework :: Twisted", "Programming Language :: Python :: 3"],

@@ -17,10 +17,12 @@ from fwd.settings import (
     SINGLE_ROUTE_KEYS,
     ConfigError,
     Raw,
+    RedisTarget,
     Sources,
     gather,
     mask,
     parse_bool,
+    parse_choice,
     parse_ciphers,
     parse_config_text,
     parse_int,
@@ -28,6 +30,7 @@ from fwd.settings import (
     parse_port,
     parse_ports,
     parse_prefix,
+    parse_redis_url,
     parse_seconds,
     parse_secrets,
     parse_size,
@@ -127,6 +130,10 @@ class Config:
     usage: bool = False
     stream_usage: bool = True
     prices: Mapping[str, Price] = attrs.field(factory=dict, repr=False)
+    redis: RedisTarget | None = None
+    redis_timeout: float = 0.1
+    redis_failure: str = "open"
+    redis_secret: str = attrs.field(default="", repr=False)
     config_file: str | None = None
     ignored: tuple[str, ...] = ()
 
@@ -359,6 +366,10 @@ def build(raw: Mapping[str, Raw], file_data: Mapping[str, object] | None = None,
         usage=usage,
         stream_usage=parse_bool(raw["stream_usage"]),
         prices=prices,
+        redis=parse_redis_url(raw["redis_url"]),
+        redis_timeout=parse_seconds(raw["redis_timeout"]),
+        redis_failure=parse_choice(raw["redis_failure"], ("open", "closed")),
+        redis_secret=str(raw["redis_secret"].value or ""),
         config_file=file_name or None,
         ignored=ignored,
     )
@@ -404,5 +415,8 @@ def describe(config: Config) -> Iterable[str]:
                 f"WARNING: route {route.name} has pool keys but no FORWARD_KEY: anyone who can reach this "
                 "proxy uses your upstream keys (no-auth mode)"
             )
+    if config.redis is not None:
+        yield (f"state shared with other instances through {config.redis} (calls wait {config.redis_timeout:g} s; "
+               f"while it is unreachable: {config.redis_failure})")
     for source in config.ignored:
         yield f"note: {source} is ignored because --config has [[route]] tables"

@@ -17,7 +17,10 @@ from fwd.listeners import AdoptedPort, Listener
 from fwd.metrics import MetricsService
 from fwd.process import tune_gc
 from fwd.quota import budgets_of
+from fwd.redis_quota import RedisQuota
 from fwd.resource import GatewayRoot
+from fwd.shared import SharedState, key_secret
+from fwd.shared_keys import SharedKeys
 from fwd.site import ForwardSite
 from fwd.transcripts.service import transcript_service
 from fwd.upstream import UpstreamConnections, upstream_agent
@@ -34,14 +37,29 @@ def build_site(gateway: Gateway, root: GatewayRoot) -> ForwardSite:
     )
 
 
+def share_state(gateway: Gateway, config: configuration.Config, reactor) -> tuple[SharedState, SharedKeys]:
+    """Make the gateway share its limits and key states with other instances through REDIS_URL."""
+    shared = SharedState(config.redis, reactor, config.redis_timeout, config.redis_failure)
+    gateway.shared = shared
+    gateway.quota = RedisQuota(shared, gateway.quota, reactor)
+    pool_keys = [key for route in config.routes for key in route.api_keys]
+    keys = SharedKeys(shared, lambda: gateway.routes, key_secret(config.redis_secret, pool_keys))
+    keys.attach()
+    return shared, keys
+
+
 def serving_reloader(
-    gateway: Gateway, root: GatewayRoot, site: ForwardSite, load, checked=None, ledger: Ledger | None = None
+    gateway: Gateway, root: GatewayRoot, site: ForwardSite, load, checked=None, ledger: Ledger | None = None,
+    shared_keys: SharedKeys | None = None,
 ) -> Reloader:
     """What a reload changes in a serving process: the gateway's routes, keys and limits, the tree, the site's
-    bounds; `checked`, a KeyCheckService, checks the keys again; `ledger` seeds the budgets a reload adds."""
+    bounds; `checked`, a KeyCheckService, checks the keys again; `ledger` seeds the budgets a reload adds;
+    `shared_keys` follows the new pools."""
 
     def apply(new: configuration.Config) -> None:
         gateway.reconfigure(new)
+        if shared_keys is not None:
+            shared_keys.attach()
         root.mount()
         site.max_body_size = new.max_body_size
         site.body_timeout = new.body_timeout
@@ -82,9 +100,13 @@ def build_service(
     connections.setServiceParent(drain)
     if transcripts is not None:
         transcripts.setServiceParent(drain)
+    shared = shared_keys = None
+    if config.redis is not None:
+        shared, shared_keys = share_state(gateway, config, reactor)
+        shared.setServiceParent(drain)
     ledger = None
     if config.usage and inherited is None:
-        ledger = Ledger(config.data_dir, reactor, gateway.quota.limiter, lambda: budgets_of(gateway.config))
+        ledger = Ledger(config.data_dir, reactor, gateway.quota.limiter, lambda: budgets_of(gateway.config), shared)
         ledger.check()
         ledger.setServiceParent(drain)  # stops after the drain: the last exchanges' usage is written
     for number, description in enumerate(config.ports):
@@ -99,7 +121,9 @@ def build_service(
 
     key_check = KeyCheckService(gateway, HTTPClient(agent), reactor)
     key_check.setServiceParent(top)
-    top.reloader = serving_reloader(gateway, root, site, load or (lambda: gateway.config), key_check, ledger)
+    top.reloader = serving_reloader(
+        gateway, root, site, load or (lambda: gateway.config), key_check, ledger, shared_keys
+    )
     if reload_service is not None:
         reload_service.reloader = top.reloader
     if hasattr(reactor, "callWhenRunning"):

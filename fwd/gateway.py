@@ -101,6 +101,7 @@ class Gateway:
         self.access = AccessLog(clock, lambda: self.config.trusted_proxies)
         self.cooperator = cooperator_for(clock)
         self.quota: QuotaStore = LocalQuota(Limiter(clock))
+        self.shared = None  # the SharedState of REDIS_URL (fwd.shared), when instances share state
         self.plans: dict[tuple[str, str | None], Plan] = {}
         self.reconfigure(config)
 
@@ -173,15 +174,18 @@ class Gateway:
 
     def status(self) -> dict:
         """What the daemon is doing now, for /healthz and metrics; never a key."""
-        return {
+        status = {
             "in_flight": self.in_flight,
             "streams": self.streams,
             "keys": [(a.route.name, masked, state) for a in self.routes.values() for masked, state in a.pool.states()],
         }
+        if self.shared is not None:
+            status["redis"] = self.shared.status()
+        return status
 
     def health(self) -> dict:
         """/healthz: whether the daemon serves, and each route's upstream and key counts (never a key)."""
-        return {
+        health = {
             "status": "draining" if self.draining else "ok",
             "pid": os.getpid(),
             "in_flight": self.in_flight,
@@ -191,6 +195,10 @@ class Gateway:
                 for a in self.routes.values()
             ],
         }
+        if self.shared is not None:
+            redis = self.shared.status()
+            health["redis"] = {"url": redis["url"], "state": redis["state"], "failures": redis["failures"]}
+        return health
 
     def exchange_started(self) -> None:
         self.in_flight += 1

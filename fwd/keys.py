@@ -7,6 +7,7 @@ state changes are reported through a twisted.logger Logger with masked keys only
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 
 import attrs
@@ -74,6 +75,8 @@ class KeyPool:
     keys: tuple[str, ...] = attrs.field(repr=False)
     clock: object
     log: Logger = attrs.field(factory=lambda: Logger(namespace="fwd.keys"))
+    # Told of every change this pool makes to a key's state (fwd.shared_keys tells the other instances).
+    listener: Callable[[KeyState], None] | None = attrs.field(default=None, repr=False)
     _states: list[KeyState] = attrs.field(init=False)
     _next: int = attrs.field(init=False, default=0)
 
@@ -114,6 +117,7 @@ class KeyPool:
             pause = min(MAX_RETRY_AFTER, max(0.0, retry_after))
         state.available_at = self.clock.seconds() + pause
         self.log.warn("key {key} rate limited, resting {pause:.0f} s", key=state.masked, pause=pause)
+        self._changed(state)
 
     def rejected(self, key: str, status: int) -> None:
         """The upstream refused this key (401/403): disable it, to be tried again much later."""
@@ -129,6 +133,7 @@ class KeyPool:
             status=status,
             pause=REPROBE_AFTER,
         )
+        self._changed(state)
 
     def succeeded(self, key: str) -> None:
         """The upstream accepted this key: forget its failures."""
@@ -139,6 +144,31 @@ class KeyPool:
             self.log.info("key {key} accepted again, enabled", key=state.masked)
         state.failures = 0
         state.disabled = False
+        state.available_at = 0.0
+        self._changed(state)
+
+    def apply(self, key: str, available_at: float, disabled: bool, failures: int) -> bool:
+        """Take what another instance learned about a key (fwd.shared_keys): its state as that instance has it.
+        Nothing is told back.  Whether anything changed."""
+        state = self._state(key)
+        if state is None:
+            return False
+        if (state.available_at, state.disabled, state.failures) == (available_at, disabled, failures):
+            return False
+        now = self.clock.seconds()
+        if disabled and not state.disabled:
+            self.log.warn("key {key} rejected through another instance, disabled", key=state.masked)
+        elif state.disabled and not disabled:
+            self.log.info("key {key} accepted again through another instance, enabled", key=state.masked)
+        elif available_at > now >= state.available_at:
+            self.log.info("key {key} rate limited through another instance, resting {pause:.0f} s",
+                          key=state.masked, pause=available_at - now)
+        state.available_at, state.disabled, state.failures = available_at, disabled, failures
+        return True
+
+    def _changed(self, state: KeyState) -> None:
+        if self.listener is not None:
+            self.listener(state)
 
     def health(self) -> dict:
         """Counts of keys by state, safe to publish."""

@@ -81,20 +81,33 @@ def spent_since(connection: sqlite3.Connection, route: str, caller: str, since: 
     return Spend(int(row[0]), float(row[1]))
 
 
+def merge(counts: dict, rows: list[tuple]) -> None:
+    """Add ledger rows to counts kept by (day, caller, route, model)."""
+    for day, caller, route, model, *values in rows:
+        row = counts.setdefault((day, caller, route, model), [0, 0, 0, 0, 0.0])
+        for index, value in enumerate(values):
+            row[index] += value
+
+
 @implementer(ILogObserver)
 class Ledger(service.Service):
     """Adds up counted usage and writes it to DATA_DIR/usage.sqlite, off the request path."""
 
-    def __init__(self, directory: str, reactor, limiter=None, budgets=lambda: (), publisher=globalLogPublisher):
+    def __init__(self, directory: str, reactor, limiter=None, budgets=lambda: (), shared=None,
+                 publisher=globalLogPublisher):
         """`reactor` runs the flushes (and the writing thread); `limiter` (a fwd.limits.Limiter) is seeded at
-        start and by `reseed` with the spend of `budgets()` (fwd.quota.budgets_of of the running config)."""
+        start and by `reseed` with the spend of `budgets()` (fwd.quota.budgets_of of the running config);
+        `shared` (fwd.shared.SharedState), when instances share state, gets the counts too, for
+        `openai-forward usage --redis-url`."""
         self.directory = directory
         self.path = os.path.join(directory, LEDGER_FILENAME)
         self.clock = reactor
         self.limiter = limiter
         self.budgets = budgets
         self.publisher = publisher
+        self.shared = shared
         self.pending: dict[tuple[str, str, str, str], list] = {}
+        self.unshared: dict[tuple[str, str, str, str], list] = {}
         self.connection: sqlite3.Connection | None = None
         self.pool = ThreadPool(1, 1, name="fwd-ledger")
         self.flusher = task.LoopingCall(self.flush)
@@ -185,23 +198,39 @@ class Ledger(service.Service):
             row[4] += cost
 
     def flush(self):
-        """Write what was counted since the last flush, in the ledger's own thread."""
+        """Write what was counted since the last flush, in the ledger's own thread (and to Redis)."""
         if not self.pending or self.connection is None:
             return None
         rows = self.take()
+        if self.shared is not None:
+            self.share(rows)
 
         def failed(reason):
             # Nothing is lost: the rows are counted again with what comes next, and written when the disk allows.
-            for day, caller, route, model, *counts in rows:
-                row = self.pending.setdefault((day, caller, route, model), [0, 0, 0, 0, 0.0])
-                for index, value in enumerate(counts):
-                    row[index] += value
+            merge(self.pending, rows)
             self.write_errors += 1
             if self.write_errors == 1:
                 log.error("cannot write the usage ledger {path}: {why}; keeping the counts to write later",
                           path=self.path, why=reason.getErrorMessage())
 
         return threads.deferToThreadPool(self.clock, self.pool, self.write, rows).addErrback(failed)
+
+    def share(self, rows: list[tuple]) -> None:
+        """Add rows to the usage counts in Redis; what Redis cannot take now is kept for the next flush."""
+        from fwd.redis_scripts import usage_call
+        from fwd.shared import RedisUnavailable
+
+        if self.unshared:
+            merge(self.unshared, rows)
+            rows = [(*key, *values) for key, values in self.unshared.items()]
+            self.unshared = {}
+        keys, args = usage_call(rows)
+
+        def kept(reason):
+            reason.trap(RedisUnavailable)
+            merge(self.unshared, rows)
+
+        self.shared.run("usage", keys, args).addErrback(kept)
 
     def take(self) -> list[tuple]:
         """The rows counted since the last take, as `write` adds them."""

@@ -17,7 +17,10 @@ from fwd.process import connections_for, raise_open_file_limit
 log = Logger(namespace="fwd.startup")
 
 # Settings that only a restart can change; a reload keeps the running values and says so.
-RESTART_ONLY = ("ports", "workers", "metrics_port", "log_chat", "log_dir", "tls_ciphers", "usage", "data_dir")
+RESTART_ONLY = (
+    "ports", "workers", "metrics_port", "log_chat", "log_dir", "tls_ciphers", "usage", "data_dir", "redis",
+    "redis_timeout", "redis_failure", "redis_secret",
+)
 
 
 class StartupReport(service.Service):

@@ -391,7 +391,8 @@ def format_reset(seconds: float) -> str:
     """
     if not seconds > 0:
         return "0s"
-    ms = math.ceil(round((seconds if seconds < 1e12 else 1e12) * 1000, 6))
+    # Rounded to the microsecond first: a shared store's doubles carry nanoseconds of error.
+    ms = math.ceil(round((seconds if seconds < 1e12 else 1e12) * 1000, 3))
     if ms < 1000:
         return f"{ms}ms"
     hours, rest = divmod(ms, 3_600_000)

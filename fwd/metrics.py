@@ -12,7 +12,7 @@ from collections import Counter as Tally
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.application import service
 from twisted.logger import ILogObserver, globalLogPublisher
@@ -53,6 +53,12 @@ class StatusCollector:
         yield GaugeMetricFamily(
             "fwd_transcript_write_errors", "Transcript records that could not be written", value=status["transcript_write_errors"]
         )
+        redis = status.get("redis")
+        if redis is not None:
+            yield GaugeMetricFamily("fwd_redis_up", "1 while state is shared through Redis, 0 while it is local",
+                                    value=1 if redis["up"] else 0)
+            yield CounterMetricFamily("fwd_redis_failures", "Times Redis stopped answering in time",
+                                      value=redis["failures"])
 
 
 @implementer(ILogObserver)

@@ -76,12 +76,16 @@ class ForwardResource(Resource):
         if not isinstance(waiting, defer.Deferred):
             then(waiting, *args)
             return
-        if waiting.called:
-            then(waiting.result, *args)
-            return
-        request.notifyFinish().addErrback(lambda _: waiting.cancel())
-        waiting.addCallback(then, *args)
+        went_on = []
+
+        def go(value):
+            went_on.append(True)
+            return then(value, *args)
+
+        waiting.addCallback(go)
         waiting.addErrback(lambda reason: reason.trap(defer.CancelledError))
+        if not went_on:  # it is still on its way (a fired Deferred may be waiting on another)
+            request.notifyFinish().addErrback(lambda _: waiting.cancel())
 
     def _admit(self, facts: Facts, request, active, admission, target, terms) -> None:
         """Admit the request on its limits (fwd.quota) once what its body says is known, or answer the refusal

@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import attrs
 
@@ -75,6 +75,16 @@ SETTINGS = (
     Setting("stream-usage", ("STREAM_USAGE",), "true",
             help="ask the upstream for a stream's usage when the client did not, and remove it from what the "
                  "client receives (a route's stream_usage overrides it)"),
+    Setting("redis-url", ("REDIS_URL",), "",
+            help="share key states, limits, budgets and usage with other instances through this Redis, "
+                 "e.g. redis://:password@10.0.0.5:6379/0 (rediss:// for TLS)"),
+    Setting("redis-timeout", ("REDIS_TIMEOUT",), "0.1",
+            help="seconds any Redis call may take before the daemon stops waiting for it"),
+    Setting("redis-failure", ("REDIS_FAILURE",), "open",
+            help="while Redis cannot be reached: open (limits held by each instance alone) or closed (limited "
+                 "requests get 503)"),
+    Setting("redis-secret", ("REDIS_SECRET",), "",
+            help="key of the keyed hash that names pool keys in Redis (default: derived from the pool keys)"),
     Setting("check-keys", ("CHECK_KEYS",), "true",
             help="at startup and on SIGHUP, ask each pool key's upstream for /v1/models and disable the keys it "
                  "refuses (not for kind = general routes)"),
@@ -232,6 +242,57 @@ def parse_ciphers(raw: Raw) -> str:
     text = str(raw.value or "").strip()
     if not _CIPHERS.fullmatch(text):
         raise ConfigError(f"{raw.source}={text!r} is not an OpenSSL cipher list, e.g. ECDHE+AESGCM:ECDHE+CHACHA20")
+    return text
+
+
+@attrs.frozen
+class RedisTarget:
+    """Where the shared state lives: a Redis server, and how to reach it."""
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    tls: bool = False
+
+    def __str__(self) -> str:
+        """The URL without its password, for logs and /healthz."""
+        auth = "" if self.password is None and self.username is None else f"{self.username or ''}:***@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(raw: Raw) -> RedisTarget | None:
+    """REDIS_URL: redis://[[user]:password@]host[:port][/db], or rediss:// for TLS; empty for none."""
+    text = str(raw.value or "").strip()
+    if not text:
+        return None
+    shown = "a URL like redis://:password@10.0.0.5:6379/0"
+    try:
+        parts = urlsplit(text)
+        port = parts.port or 6379
+    except ValueError:
+        raise ConfigError(f"{raw.source} is not {shown}") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"{raw.source} is not {shown}")
+    path = parts.path.strip("/")
+    if path and not (path.isascii() and path.isdigit()):
+        raise ConfigError(f"{raw.source}: the database after the host must be a number, e.g. /0")
+    return RedisTarget(
+        host=parts.hostname,
+        port=port,
+        db=int(path or 0),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        tls=parts.scheme == "rediss",
+    )
+
+
+def parse_choice(raw: Raw, choices: tuple[str, ...]) -> str:
+    text = str(raw.value or "").strip().lower()
+    if text not in choices:
+        raise ConfigError(f"{raw.source}={raw.value!r} must be one of {', '.join(choices)}")
     return text
 
 

@@ -1,8 +1,9 @@
-"""`openai-forward usage`: tokens, requests and cost from the usage ledger (DATA_DIR/usage.sqlite), as a table or
-JSON.  Tests: tests/test_ledger.py
+"""`openai-forward usage`: tokens, requests and cost from the usage ledger (DATA_DIR/usage.sqlite), or from the
+Redis that several instances share (`--redis-url`: every instance's counts), as a table or JSON.
+Tests: tests/test_ledger.py, tests/test_redis_e2e.py
 
 Rows are grouped by any of day, caller (the forward key's name), route and model; callers are names, never keys.
-It reads while the daemon writes (the ledger is in WAL mode), and never changes the file.
+It reads while the daemon writes (the ledger is in WAL mode), and never changes the file or Redis.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import sqlite3
 import sys
 import time
+from datetime import date, timedelta
 
 from fwd.ledger import LEDGER_FILENAME, utc_day
 
@@ -74,6 +76,51 @@ def table(rows: list[dict], groups: tuple[str, ...], priced: bool) -> str:
     return "\n".join(aligned) + "\n"
 
 
+def days_between(first_day: str, last_day: str) -> list[str]:
+    """Every day from the first to the last, as YYYY-MM-DD (at most the days Redis keeps)."""
+    from fwd.redis_scripts import USAGE_DAYS
+
+    first, last = date.fromisoformat(first_day), date.fromisoformat(last_day)
+    return [(first + timedelta(days=n)).isoformat() for n in range(min((last - first).days + 1, USAGE_DAYS))]
+
+
+def from_redis(url: str, first_day: str, last_day: str, timeout: float = 10.0) -> sqlite3.Connection:
+    """The usage counts of every instance, day by day from Redis, in an in-memory ledger to query."""
+    import txredisapi
+    from twisted.internet import defer, reactor, ssl
+
+    from fwd.ledger import ADD, SCHEMA
+    from fwd.redis_scripts import PREFIX, usage_rows
+    from fwd.settings import Raw, parse_redis_url
+
+    target = parse_redis_url(Raw(url, "--redis-url"))
+    found: list = []
+    problems: list = []
+
+    async def read():
+        connection = await txredisapi.Connection(
+            host=target.host, port=target.port, dbid=target.db, password=target.password, username=target.username,
+            reconnect=False, connectTimeout=timeout, replyTimeout=timeout, convertNumbers=False,
+            ssl_context_factory=ssl.optionsForClientTLS(target.host) if target.tls else False,
+        )
+        try:
+            for day in days_between(first_day, last_day):
+                found.extend(usage_rows(day, await connection.hgetall(f"{PREFIX}usage:{day}")))
+        finally:
+            await connection.disconnect()
+
+    done = defer.ensureDeferred(read())
+    done.addErrback(problems.append)
+    done.addBoth(lambda _: reactor.stop())
+    reactor.run()
+    if problems:
+        raise RuntimeError(problems[0].getErrorMessage())
+    ledger = sqlite3.connect(":memory:")
+    ledger.execute(SCHEMA)
+    ledger.executemany(ADD, found)
+    return ledger
+
+
 def data_dir_of(args) -> str:
     """--data-dir, else DATA_DIR as the daemon reads it (environment, .env, --config)."""
     if args.data_dir:
@@ -97,6 +144,7 @@ def main_usage(argv: list[str], now: float | None = None) -> int:
     parser.add_argument("--by", type=parse_groups, default=DEFAULT_GROUPS,
                         help=f"group by these, comma-separated: {','.join(GROUPS)} (default {','.join(DEFAULT_GROUPS)})")
     parser.add_argument("--caller", help="only this forward key's name")
+    parser.add_argument("--redis-url", help="read the counts of every instance from this Redis (REDIS_URL)")
     parser.add_argument("--json", action="store_true", help="print JSON: the rows and their totals")
     try:
         args = parser.parse_args(argv)
@@ -114,25 +162,32 @@ def main_usage(argv: list[str], now: float | None = None) -> int:
         except ValueError:
             print(f"openai-forward usage: {day!r} is not a day written YYYY-MM-DD", file=sys.stderr)
             return 2
-    try:
-        directory = data_dir_of(args)
-    except Exception as e:  # a ConfigError: the config that names DATA_DIR does not load
-        print(f"openai-forward usage: {e}", file=sys.stderr)
-        return 2
-    path = os.path.join(directory, LEDGER_FILENAME)
-    if not os.path.isfile(path):
-        print(f"openai-forward usage: no usage ledger at {path} (is usage counted? see USAGE and DATA_DIR)",
-              file=sys.stderr)
-        return 1
-    try:
-        connection = sqlite3.connect(path, timeout=5)
+    if args.redis_url:
         try:
-            rows = query(connection, args.by, first_day, last_day, args.caller)
-        finally:
-            connection.close()
-    except sqlite3.Error as e:
-        print(f"openai-forward usage: cannot read {path}: {e}", file=sys.stderr)
-        return 1
+            rows = query(from_redis(args.redis_url, first_day, last_day), args.by, first_day, last_day, args.caller)
+        except Exception as e:  # a bad URL, or Redis that does not answer
+            print(f"openai-forward usage: cannot read the usage counts in Redis: {e}", file=sys.stderr)
+            return 1
+    else:
+        try:
+            directory = data_dir_of(args)
+        except Exception as e:  # a ConfigError: the config that names DATA_DIR does not load
+            print(f"openai-forward usage: {e}", file=sys.stderr)
+            return 2
+        path = os.path.join(directory, LEDGER_FILENAME)
+        if not os.path.isfile(path):
+            print(f"openai-forward usage: no usage ledger at {path} (is usage counted? see USAGE and DATA_DIR)",
+                  file=sys.stderr)
+            return 1
+        try:
+            connection = sqlite3.connect(path, timeout=5)
+            try:
+                rows = query(connection, args.by, first_day, last_day, args.caller)
+            finally:
+                connection.close()
+        except sqlite3.Error as e:
+            print(f"openai-forward usage: cannot read {path}: {e}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps({"from": first_day, "to": last_day, "by": list(args.by), "rows": rows, "total": totals(rows)},
                          indent=2))

@@ -107,7 +107,8 @@ def run_worker() -> None:
         raise SystemExit(f"openai-forward worker: {problem}") from None
     top = build_service(config, reactor, inherited=fds)
     control = ControlLine(top.reloader)
-    top.gateway.quota = control.quota  # the supervisor decides on the limits, for every worker at once
+    if config.redis is None:
+        top.gateway.quota = control.quota  # the supervisor decides on the limits, for every worker at once
     adopt(reactor, CONTROL_FD, control)
     os.close(CONTROL_FD)
     status_log = Logger(namespace=STATUS_NAMESPACE)

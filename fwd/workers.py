@@ -37,6 +37,7 @@ from fwd.metrics import MetricsService
 from fwd.quota import budgets_of
 from fwd.quota_line import QuotaServer
 from fwd.restarts import RestartBackoff
+from fwd.shared import SharedState
 from fwd.transcripts.line import TranscriptLine, adopt
 from fwd.transcripts.service import transcript_service
 
@@ -136,8 +137,13 @@ class Supervisor(service.MultiService):
         self.ledger: Ledger | None = None
         if transcripts is not None:
             transcripts.setServiceParent(self)
+        self.shared = None
+        if config.redis is not None:
+            # The workers share limits and key states through Redis themselves; this one adds up their usage.
+            self.shared = SharedState(config.redis, reactor, config.redis_timeout, config.redis_failure)
+            self.shared.setServiceParent(self)
         if config.usage:
-            self.ledger = Ledger(config.data_dir, reactor, self.limiter, lambda: budgets_of(self.config))
+            self.ledger = Ledger(config.data_dir, reactor, self.limiter, lambda: budgets_of(self.config), self.shared)
             self.ledger.check()
             self.ledger.setServiceParent(self)
 
@@ -255,10 +261,16 @@ class Supervisor(service.MultiService):
     def status(self) -> dict:
         """The workers' latest reports, added up for /metrics."""
         total = {"in_flight": 0, "streams": 0, "keys": []}
+        redis = []
         for status in self.statuses.values():
             total["in_flight"] += status.get("in_flight", 0)
             total["streams"] += status.get("streams", 0)
             total["keys"] += [tuple(k) for k in status.get("keys", [])]
+            if status.get("redis"):
+                redis.append(status["redis"])
+        if self.shared is not None:
+            redis.append(self.shared.status())
+            total["redis"] = {"up": all(r["up"] for r in redis), "failures": sum(r["failures"] for r in redis)}
         return total
 
     def stopService(self):

@@ -6,6 +6,15 @@ from tests.support.processes import FakeUpstreamProcess
 
 
 @pytest.fixture(scope="module")
+def redis_server():
+    """A real redis-server on loopback, one per test module; tests flush it as they need."""
+    from tests.support.redis import RedisServer
+
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def upstream():
     """The project's fake OpenAI upstream as a real process on loopback, one per test module."""
     with FakeUpstreamProcess() as fake:
@@ -13,7 +22,8 @@ def upstream():
 
 
 def pytest_collection_modifyitems(items):
-    """Every test that uses the fake upstream process, directly or through a fixture, is slow."""
+    """Every test that uses the fake upstream process or a redis-server, directly or through a fixture, is slow."""
     for item in items:
-        if "upstream" in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        if "upstream" in names or "redis_server" in names:
             item.add_marker(pytest.mark.slow)

@@ -1,0 +1,69 @@
+"""Limits and budgets shared by every instance: the QuotaStore (fwd.quota) that decides in Redis, and falls
+back on this instance's own Limiter while Redis cannot be asked.  Tests: tests/test_shared.py,
+tests/test_redis_e2e.py
+
+One admission is one call of the ADMIT script (fwd.redis_scripts); its end is one SETTLE, sent without waiting
+for it.  With REDIS_FAILURE=open (the default) a request that cannot be decided in Redis is decided by the local
+Limiter, so no client sees Redis trouble (the limits then hold per instance); with closed it gets 503 and
+nothing is forwarded.  Either way no request waits on Redis longer than REDIS_TIMEOUT.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from fwd import errors
+from fwd.quota import LocalQuota, Plan, Reservation
+from fwd.redis_scripts import RedisTicket, admit_call, admit_result, settle_call
+from fwd.shared import RedisUnavailable, SharedState
+
+log = Logger(namespace="fwd.quota")
+
+
+class RedisQuota:
+    """The QuotaStore of an instance sharing its limits through Redis."""
+
+    def __init__(self, shared: SharedState, local: LocalQuota, clock):
+        self.shared = shared
+        self.local = local
+        self.clock = clock
+
+    @property
+    def limiter(self):
+        """The local Limiter (what the usage ledger seeds, and what decides while Redis is down)."""
+        return self.local.limiter
+
+    def admit(self, plan: Plan, reserved: Reservation):
+        if not self.shared.up:
+            return self._without_redis(plan, reserved)
+        call = admit_call(plan, reserved.prompt + reserved.output, reserved.cost or 0.0, self.clock.seconds())
+        deciding = self.shared.run("admit", call.keys, call.args)
+
+        def unavailable(reason):
+            reason.trap(RedisUnavailable)
+            return self._without_redis(plan, reserved)
+
+        return deciding.addCallbacks(lambda reply: admit_result(call, reply), unavailable)
+
+    def _without_redis(self, plan: Plan, reserved: Reservation):
+        if self.shared.failure == "closed":
+            return errors.limits_unavailable()
+        return self.local.admit(plan, reserved)
+
+    def settle(self, ticket, tokens: int, cost: float | None) -> None:
+        if isinstance(ticket, RedisTicket):
+            self._end(ticket, tokens, cost)
+        else:
+            self.local.settle(ticket, tokens, cost)
+
+    def release(self, ticket) -> None:
+        if isinstance(ticket, RedisTicket):
+            self._end(ticket, None, None)
+        else:
+            self.local.release(ticket)
+
+    def _end(self, ticket: RedisTicket, tokens: int | None, cost: float | None) -> None:
+        keys, args = settle_call(ticket, tokens, cost, self.clock.seconds())
+        # Not waited for: a settlement lost to Redis trouble leaves the reservation standing until its lease ends.
+        self.shared.run("settle", keys, args).addErrback(lambda reason: reason.trap(RedisUnavailable))
+
