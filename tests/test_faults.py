@@ -293,7 +293,8 @@ class Daemon:
     def transcripts(self) -> list[dict]:
         if not self.chat_log.exists():
             return []
-        return [json.loads(line) for line in self.chat_log.read_text(encoding="utf-8").splitlines() if line]
+        text = self.chat_log.read_text(encoding="utf-8")  # whole lines only: one may be half-written
+        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line]
 
     def transcript(self, user: str, timeout: float = 5.0) -> dict:
         def find():

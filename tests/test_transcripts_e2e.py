@@ -55,8 +55,9 @@ def read_records(directory: Path) -> list[dict]:
     path = directory / "chat.jsonl"
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
+    # A record being written may be seen half-way: only whole lines count.
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def wait_record(directory: Path, match, timeout: float = 5.0, after: int = 0) -> dict:
