@@ -7,7 +7,7 @@ RUN python -m venv /opt/fwd \
  && /opt/fwd/bin/python -m pip install --no-cache-dir /src \
  && /opt/fwd/bin/twistd --help | grep openai-forward > /dev/null \
  && useradd --create-home --uid 10001 fwd \
- && install -d -o fwd -g fwd /home/fwd/Log \
+ && install -d -o fwd -g fwd /home/fwd/Log /home/fwd/Data \
  && rm -rf /src
 
 ENV PATH=/opt/fwd/bin:$PATH PYTHONUNBUFFERED=1

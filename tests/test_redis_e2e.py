@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx2
 import openai
 import pytest
 
+from tests.support.network import free_port
 from tests.support.processes import DaemonProcess, with_checkout_on_path
 
 pytestmark = pytest.mark.slow
@@ -122,8 +125,14 @@ def test_a_key_revoked_through_one_daemon_is_not_used_by_the_other_a_second_late
     client_a = openai.OpenAI(base_url=a.url + "/v1", api_key=GENEROUS, max_retries=0)
     for _ in range(4):
         client_a.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # replayed on the other key
+        if any(r["key"] == POOL[0] for r in upstream.received()):
+            break
     assert any(r["key"] == POOL[0] for r in upstream.received()), "daemon A met the revoked key"
-    time.sleep(1.0)
+    met = time.monotonic()
+    while "rejected through another instance" not in b.output:
+        assert time.monotonic() - met < 1.0, "daemon B heard of it within a second"
+        time.sleep(0.01)
+    print(f"key state reached the other daemon's log {1000 * (time.monotonic() - met):.0f} ms after the answer")
     upstream.reset()
     client_b = openai.OpenAI(base_url=b.url + "/v1", api_key=GENEROUS, max_retries=0)
     for _ in range(20):
@@ -223,3 +232,41 @@ def test_with_closed_a_limited_request_gets_503_at_once_while_redis_is_down(tmp_
             assert states == {"refusing limited requests"}
         finally:
             redis_server.start()
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_the_deployments_nginx_balances_two_instances_that_share_their_limits(pair, tmp_path):
+    """docker-compose.instances.yml without Docker: its deploy/nginx.conf in front of the two daemons."""
+    a, b = pair
+    conf = (Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf").read_text()
+    port = free_port()
+    conf = (conf.replace("server fwd-a:8000", f"server 127.0.0.1:{a.ports[0]}")
+                .replace("server fwd-b:8000", f"server 127.0.0.1:{b.ports[0]}")
+                .replace("listen 8000;", f"listen 127.0.0.1:{port};")
+                .replace("worker_processes auto;", f"worker_processes 1;\npid {tmp_path}/nginx.pid;\n"
+                         f"error_log {tmp_path}/error.log;"))
+    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        conf = conf.replace("http {", f"http {{\n    {name}_temp_path {tmp_path}/{name};", 1)
+    (tmp_path / "nginx.conf").write_text(conf)
+    nginx = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                httpx2.get(url + "/healthz", timeout=2)
+                break
+            except httpx2.TransportError:
+                assert time.monotonic() < deadline and nginx.poll() is None, nginx.stderr.read()
+                time.sleep(0.1)
+        pids = {httpx2.get(url + "/healthz", headers={"Connection": "close"}).json()["pid"] for _ in range(40)}
+        assert pids & set(redis_states(a.url)) and pids & set(redis_states(b.url)), "nginx reaches both instances"
+        client = openai.OpenAI(base_url=url + "/v1", api_key=GENEROUS, max_retries=0)
+        chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: hi"
+        statuses, _ = asyncio.run(burst([url], FIVE, 12))
+        assert statuses.count(200) == 5, "one limit for the whole deployment"
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
