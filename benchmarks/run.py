@@ -5,8 +5,9 @@
                              [--json out.json] [--pin] [--fwd-env LOG_CHAT=true] [--baseline REV]
 
 Columns: fwd (this checkout as installed), fwd+chat (transcripts on), fwd+limits (every request through a
-forward key with an rpm, a tpm and a token budget, usage counted into the ledger), fwd@REV (the code of git
-revision REV, from --baseline, for a before/after in one run), reference (openai-forward 0.8.1), nginx.
+forward key with an rpm, a tpm and a token budget, usage counted into the ledger), fwd+redis (fwd+limits with
+those limits shared through a redis-server this script starts on loopback), fwd@REV (the code of git revision
+REV, from --baseline, for a before/after in one run), reference (openai-forward 0.8.1), nginx.
 
 Starts benchmarks/upstream.py (fake OpenAI upstream) and the three proxies on
 their own 127.0.0.1 ports, all pointing at that upstream, then measures, rounds
@@ -49,8 +50,8 @@ UPSTREAM_PY = HERE / "upstream.py"
 REF_VENV = HERE / ".venv-reference"
 REF_PKGS = ["openai-forward==0.8.1", "pyyaml"]  # it imports yaml without declaring it
 # fwd+chat: this proxy with LOG_CHAT=true; fwd+limits: with limits and a budget on the forward key every request
-# uses; fwd@REV: the revision given with --baseline
-PROXIES = ("fwd", "fwd+chat", "fwd+limits", "fwd@", "reference", "nginx")
+# uses; fwd+redis: fwd+limits deciding through Redis; fwd@REV: the revision given with --baseline
+PROXIES = ("fwd", "fwd+chat", "fwd+limits", "fwd+redis", "fwd@", "reference", "nginx")
 HOST = "127.0.0.1"
 
 CHAT_BODY = '{"model":"gpt-3.5-turbo","messages":[{"role":"user","content":"Say hello in one short sentence."}]}'
@@ -766,8 +767,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="rounds of a-c, alternating proxies (default 2)")
     ap.add_argument("--mem-rounds", type=int, default=1, help="rounds of d-e, after the others (default 1)")
     ap.add_argument("--only", default="fwd,reference,nginx",
-                    help="comma list of fwd,fwd+chat,fwd+limits,reference,nginx (fwd+chat: with transcripts on; fwd+limits: "
-                         "limits, a budget and usage counting on every request)")
+                    help="comma list of fwd,fwd+chat,fwd+limits,fwd+redis,reference,nginx (fwd+chat: with transcripts "
+                         "on; fwd+limits: limits, a budget and usage counting on every request; fwd+redis: the same "
+                         "limits shared through a local redis-server)")
     ap.add_argument("--skip", default="", help="comma list of tests to skip: plain,streams,latency,mem,slow")
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--fwd-cmd", help="override the fwd command; {port} {upstream} {python} are substituted")
@@ -841,6 +843,30 @@ def main(argv=None):
 
         live = {}
         starts = {}
+        shared = {}
+
+        def redis():
+            """The URL of the one redis-server of this run (started on first use, no persistence), or an error."""
+            if "url" not in shared:
+                server = shutil.which("redis-server")
+                if not server:
+                    return None, "redis-server is not installed (apt-get install redis-server)"
+                redis_port = free_port()
+                p = Proc("redis", [server, "--bind", HOST, "--port", str(redis_port), "--save", "",
+                                   "--appendonly", "no", "--dir", tmp], base_env(), tmp,
+                         os.path.join(tmp, "redis.log"), pin_load)
+                procs.append(p)
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        socket.create_connection((HOST, redis_port), timeout=1).close()
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline or not p.alive():
+                            return None, "redis-server did not start:\n" + p.tail()
+                        time.sleep(0.05)
+                shared["url"] = "redis://%s:%d/0" % (HOST, redis_port)
+            return shared["url"], None
 
         def start_proxy(name):
             """Start (or restart) one proxy on a fresh port; returns an error string or None."""
@@ -849,11 +875,15 @@ def main(argv=None):
                 spec, err = fwd_command(args, port, up_port)
             elif name == "fwd+chat":
                 spec, err = fwd_command(args, port, up_port, ["LOG_CHAT=true", "LOG_DIR=Log"])
-            elif name == "fwd+limits":
+            elif name in ("fwd+limits", "fwd+redis"):
                 toml = os.path.join(tmp, "limits.toml")
                 Path(toml).write_text(LIMITS_TOML.format(host=HOST, up_port=up_port, pool=AUTH.split()[1],
                                                          key=LIMITED_KEY))
-                spec, err = fwd_command(args, port, up_port, ["DATA_DIR=Data"], ["--config", toml])
+                extra, err = ["DATA_DIR=Data"], None
+                if name == "fwd+redis":
+                    redis_url, err = redis()
+                    extra.append("REDIS_URL=" + (redis_url or ""))
+                spec, err = (None, err) if err else fwd_command(args, port, up_port, extra, ["--config", toml])
                 AUTH_BY_PORT[port] = "Bearer " + LIMITED_KEY
             elif name.startswith("fwd@"):
                 tree, err = checkout(name[4:], tmp)

@@ -88,6 +88,9 @@ class Route:
     limits: Limits = NO_LIMITS
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     stream_usage: bool | None = None
+    cache: bool = False
+    cache_ttl: float | None = None
+    cache_scope: str = "caller"
 
     @property
     def limited(self) -> bool:
@@ -133,6 +136,8 @@ class Config:
     redis: RedisTarget | None = None
     redis_timeout: float = 0.1
     redis_failure: str = "open"
+    cache_ttl: float = 3600.0
+    cache_max_size: int = 256 * 1024 * 1024
     redis_secret: str = attrs.field(default="", repr=False)
     config_file: str | None = None
     ignored: tuple[str, ...] = ()
@@ -262,7 +267,21 @@ def make_route(
     return route
 
 
-def routes_from_file(tables: object, file_name: str, allow_client_keys: bool) -> tuple[Route, ...]:
+def route_cache(table: Mapping, here: str, default: bool) -> dict:
+    """A [[route]]'s cache fields: cache (default: CACHE), cache_ttl, cache_scope."""
+    on = table.get("cache", default)
+    if not isinstance(on, bool):
+        raise ConfigError(f"{here}: cache must be true or false")
+    ttl = table.get("cache_ttl")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < float("inf")):
+        raise ConfigError(f"{here}: cache_ttl must be a positive number of seconds")
+    scope = table.get("cache_scope", "caller")
+    if scope not in ("caller", "shared"):
+        raise ConfigError(f"{here}: cache_scope must be \"caller\" or \"shared\"")
+    return {"cache": on, "cache_ttl": None if ttl is None else float(ttl), "cache_scope": scope}
+
+
+def routes_from_file(tables: object, file_name: str, allow_client_keys: bool, cache: bool = False) -> tuple[Route, ...]:
     if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
         raise ConfigError(f"{file_name}: 'route' must be an array of tables ([[route]])")
     if not tables:
@@ -272,7 +291,7 @@ def routes_from_file(tables: object, file_name: str, allow_client_keys: bool) ->
         here = f"[[route]] {number} in {file_name}"
         unknown = set(table) - {
             "prefix", "base_url", "kind", "api_keys", "forward_keys", "allow_client_keys", "default_max_tokens",
-            "stream_usage", *LIMIT_FIELDS,
+            "stream_usage", "cache", "cache_ttl", "cache_scope", *LIMIT_FIELDS,
         }
         if unknown:
             raise ConfigError(f"{here}: unknown field {sorted(unknown)[0]!r}")
@@ -304,6 +323,7 @@ def routes_from_file(tables: object, file_name: str, allow_client_keys: bool) ->
                 limits=parse_limits(table, here, budget=False),
                 default_max_tokens=default_max,
                 stream_usage=stream_usage,
+                **route_cache(table, here, cache),
             )
         )
     prefixes = [r.prefix for r in routes]
@@ -318,7 +338,7 @@ def build(raw: Mapping[str, Raw], file_data: Mapping[str, object] | None = None,
     allow_client_keys = parse_bool(raw["allow_client_keys"])
     ignored = ()
     if file_data and "route" in file_data:
-        routes = routes_from_file(file_data["route"], file_name, allow_client_keys)
+        routes = routes_from_file(file_data["route"], file_name, allow_client_keys, parse_bool(raw["cache"]))
         ignored = tuple(raw[k].source for k in SINGLE_ROUTE_KEYS if not raw[k].source.startswith("default"))
     else:
         routes = (
@@ -338,6 +358,7 @@ def build(raw: Mapping[str, Raw], file_data: Mapping[str, object] | None = None,
                 },
             ),
         )
+        routes = (attrs.evolve(routes[0], cache=parse_bool(raw["cache"])),)
     metrics = str(raw["metrics_port"].value or "").strip()
     prices = parse_prices((file_data or {}).get("prices"), file_name or "the config file")
     usage = parse_usage(raw["usage"], any(route.limited for route in routes))
@@ -369,6 +390,8 @@ def build(raw: Mapping[str, Raw], file_data: Mapping[str, object] | None = None,
         redis=parse_redis_url(raw["redis_url"]),
         redis_timeout=parse_seconds(raw["redis_timeout"]),
         redis_failure=parse_choice(raw["redis_failure"], ("open", "closed")),
+        cache_ttl=parse_seconds(raw["cache_ttl"]),
+        cache_max_size=parse_size(raw["cache_max_size"]),
         redis_secret=str(raw["redis_secret"].value or ""),
         config_file=file_name or None,
         ignored=ignored,

@@ -9,6 +9,7 @@ from treq.client import HTTPClient
 from twisted.application import service
 
 from fwd import config as configuration
+from fwd.cache_store import CacheFile
 from fwd.gateway import Gateway
 from fwd.keycheck import KeyCheckService
 from fwd.ledger import Ledger
@@ -104,6 +105,13 @@ def build_service(
     if config.redis is not None:
         shared, shared_keys = share_state(gateway, config, reactor)
         shared.setServiceParent(drain)
+        gateway.cache.share(shared)
+    elif any(route.cache for route in config.routes):
+        # Entries outlive a restart: DATA_DIR/cache.sqlite, loaded at start, written behind.
+        cache_file = CacheFile(config.data_dir, gateway.cache.memory, reactor)
+        cache_file.check()
+        gateway.cache.file = cache_file
+        cache_file.setServiceParent(drain)
     ledger = None
     if config.usage and inherited is None:
         ledger = Ledger(config.data_dir, reactor, gateway.quota.limiter, lambda: budgets_of(gateway.config), shared)

@@ -67,6 +67,13 @@ def limits_unavailable() -> ProxyError:
     )
 
 
+def bad_cache_header(value: str) -> ProxyError:
+    """An x-fwd-cache request header that is not one of use, skip or refresh (`value` is shown cut short)."""
+    shown = value[:20].encode("unicode_escape").decode("ascii")
+    return ProxyError(400, f"x-fwd-cache must be use, skip or refresh, not {shown!r}.", code="invalid_cache_header",
+                      param="x-fwd-cache")
+
+
 def bad_path() -> ProxyError:
     return ProxyError(400, "The request path has dot-segments; send a normalized path.", code="invalid_path")
 

@@ -20,9 +20,10 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from fwd import access, errors, keys
+from fwd import access, cache, errors, keys
 from fwd.answers import send_error
 from fwd.body import BytesProducer, RequestBody, body_producer
+from fwd.caching import Capture
 from fwd.headers import (
     clean_phrase,
     is_event_stream,
@@ -61,9 +62,11 @@ def describe_failure(reason) -> str:
 class Exchange:
     """One client request and its upstream attempts, from sending to the last byte relayed."""
 
-    def __init__(self, gateway, active, admission: access.Admission, request, target, facts, terms=None, ticket=None):
+    def __init__(self, gateway, active, admission: access.Admission, request, target, facts, terms=None, ticket=None,
+                 cached=None):
         """`target` says where the request goes upstream, `facts` what was read from its body (fwd.intake),
-        `terms` the limits it met and whether its usage is counted, `ticket` its admission (fwd.quota)."""
+        `terms` the limits it met and whether its usage is counted, `ticket` its admission (fwd.quota), `cached`
+        what the response cache does for it (a fwd.caching.CachePlan, or None)."""
         self.gateway = gateway
         self.config = gateway.config
         self.active = active
@@ -88,7 +91,13 @@ class Exchange:
         self.url = active.upstream_url(target.rest, target.query)
         self.body = body = request.content
         self.body_size = body_size(body)
-        self.upstream_body: bytes | None = None
+        self.cached = cached
+        self.waiting: defer.Deferred | None = None  # the cache's answer on its way
+        self.leading = False  # the one request of its burst that goes upstream for the cache
+        self.capture: Capture | None = None
+        self.stored_head: tuple = ()
+        self.hit = False
+        self.upstream_body: bytes | None = cached.body if cached is not None else None
         self.metering: Metering | None = None
         if terms is not None and terms.metered:
             self.metering = self._meter(terms)
@@ -101,7 +110,7 @@ class Exchange:
             proxy_keys=bool(self.config.proxy_keys),
         )
         transcribed = gateway.log_chat and request.method == b"POST" and self._start_transcript()
-        if transcribed or self.metering is not None:
+        if transcribed or self.metering is not None or cached is not None and cached.stores:
             # Transcripts and usage read the answer: it must come uncompressed.
             self.headers = [(n, v) for n, v in self.headers if n != b"accept-encoding"]
             self.headers.append((b"accept-encoding", [b"identity"]))
@@ -110,8 +119,9 @@ class Exchange:
         """Count this exchange's usage; ask a stream's usage of the upstream when the client did not."""
         facts = self.facts
         injected = False
-        if terms.ask_usage and facts.body is not None and wants_usage_injected(terms.kind, facts.values):
-            asked = with_usage_asked(facts.body, facts.values)
+        body = self.upstream_body if self.upstream_body is not None else facts.body
+        if terms.ask_usage and body is not None and wants_usage_injected(terms.kind, facts.values):
+            asked = with_usage_asked(body, facts.values)
             if asked is not None:
                 self.upstream_body = asked
                 injected = True
@@ -146,9 +156,61 @@ class Exchange:
         )
         return True
 
-    def start(self) -> None:
+    def start(self, lookup=None) -> None:
+        """Answer the request: from the cache's `lookup` (an entry, or a Deferred of one) when it found one,
+        else upstream."""
         self.gateway.exchange_started()
+        if isinstance(lookup, defer.Deferred):
+            self.waiting = lookup
+            lookup.addCallbacks(self._looked_up, self._lookup_failed).addErrback(self._unexpected)
+            return
+        self._looked_up(lookup)
+
+    def _looked_up(self, entry) -> None:
+        self.waiting = None
+        if self.client_gone:
+            return
+        if entry is not None:
+            self._replay(entry)
+            return
+        cached = self.cached
+        if cached is not None:
+            self.gateway.cache.going_upstream(cached)
+            self.leading = cached.stores
         self._attempt()
+
+    def _lookup_failed(self, reason) -> None:
+        self.waiting = None
+        if reason.check(defer.CancelledError) and self.client_gone:
+            return
+        log.error("cache lookup failed: {problem}", problem=reason.type.__name__)
+        self._looked_up(None)
+
+    def _replay(self, entry: cache.Entry) -> None:
+        """Answer from the cache: the stored head and body, with x-fwd-cache: HIT and Age."""
+        request = self.request
+        self.hit = True
+        self.ttfb = now = self.clock.seconds()
+        self.status = 200
+        request.setResponseCode(200)
+        out = request.responseHeaders
+        for name, value in entry.headers:
+            out.addRawHeader(name, value)
+        out.setRawHeaders(b"x-fwd-cache", [cache.HIT])
+        out.setRawHeaders(b"age", [cache.age(now, entry.stored_at)])
+        if entry.stream:
+            out.setRawHeaders(b"x-accel-buffering", [b"no"])
+        out.setRawHeaders(b"content-length", [b"%d" % len(entry.body)])
+        self._limit_headers()
+        if self.transcript is not None:
+            content_type = out.getRawHeaders(b"content-type")
+            self.transcript.response_started(200, content_type[0].decode("latin-1") if content_type else None, 0.0,
+                                             entry.stream)
+            self.transcript.feed(entry.body)
+        request.write(entry.body)
+        self.sent = len(entry.body)
+        request.finish()
+        self._end(partial=False, error=None)
 
     def _attempt(self) -> None:
         outcome = self.attempts.next(self.headers)
@@ -237,13 +299,14 @@ class Exchange:
             out.removeHeader(b"content-length")
         elif response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
+        cached = self.cached
+        if cached is not None:
+            if self.leading and cache.storable(status, response.headers.getRawHeaders(b"cache-control")):
+                self.stored_head = cache.stored_headers(out.getAllRawHeaders())
+                self.capture = Capture(self.gateway.cache.largest())
+            out.setRawHeaders(b"x-fwd-cache", [cached.label])
         if ticket is not None:
-            channel = request.channel
-            if hasattr(channel, "head_lines"):
-                channel.head_lines = ticket.head_lines()  # the daemon's own channel writes them as they are
-            else:
-                for name, value in ticket.headers():
-                    out.setRawHeaders(name, [value])
+            self._limit_headers()
         if self.metering is not None:
             self.metering.started(status, stream)
         if self.transcript is not None:
@@ -253,6 +316,19 @@ class Exchange:
                 (self.ttfb - self.started) * 1000,
                 stream,
             )
+
+    def _limit_headers(self) -> None:
+        """The x-ratelimit-* headers of a limited caller."""
+        ticket = self.ticket
+        if ticket is None:
+            return
+        request = self.request
+        channel = request.channel
+        if hasattr(channel, "head_lines"):
+            channel.head_lines = ticket.head_lines()  # the daemon's own channel writes them as they are
+        else:
+            for name, value in ticket.headers():
+                request.responseHeaders.setRawHeaders(name, [value])
 
     def _request_failed(self, reason) -> None:
         self.pending = None
@@ -274,6 +350,8 @@ class Exchange:
 
     def _fail(self, error: errors.ProxyError) -> None:
         self.status = error.status
+        if self.cached is not None and not self.request.finished:
+            self.request.responseHeaders.setRawHeaders(b"x-fwd-cache", [self.cached.label])
         send_error(self.request, error)
         self._end(partial=False, error=error.message, body=error.body())
 
@@ -281,7 +359,11 @@ class Exchange:
         """The client went away (its notifyFinish errback): stop the upstream side at once."""
         self.client_gone = True
         self.request.gone = True
-        if self.pending is not None:
+        if self.waiting is not None:
+            waiting, self.waiting = self.waiting, None
+            waiting.cancel()
+            self._end(partial=True, error="client disconnected")
+        elif self.pending is not None:
             pending, self.pending = self.pending, None
             pending.cancel()
             self._end(partial=True, error="client disconnected")
@@ -322,7 +404,8 @@ class Exchange:
         if self.stream:
             gateway.streams -= 1
         now = self.clock.seconds()
-        used = self.metering.usage(partial) if self.metering is not None else None
+        stored = self._land(partial or error is not None, now) if self.leading else 0
+        used = self.metering.usage(partial) if self.metering is not None and not self.hit else None
         cost = None
         if used is not None and self.config.prices:
             price = price_for(self.config.prices, self.facts.values.get("model"))
@@ -340,6 +423,7 @@ class Exchange:
                     transcript.feed(body)
             try:
                 emit(Ended(transcript, partial=partial, error=error, latency_ms=(now - self.started) * 1000,
+                           cache="hit" if self.hit else None,
                            used=None if used is None else {
                                "input_tokens": used.input_tokens, "output_tokens": used.output_tokens,
                                "total_tokens": used.total_tokens, "estimated": used.estimated,
@@ -359,11 +443,31 @@ class Exchange:
             route=self.active.route.name,
             ttfb=self.ttfb,
             upstream=True,
-            **usage_fields(used, self.facts.values.get("model"), cost),
+            **(hit_fields(self.cached.model) if self.hit else usage_fields(used, self.facts.values.get("model"), cost)),
+            **({} if self.cached is None else cache_fields(self.cached, self.hit, stored)),
         )
         if isinstance(self.body, RequestBody):
             self.body.close()
         gateway.exchange_ended()
+
+    def _land(self, broken: bool, now: float) -> int:
+        """Give the cache this answer to keep (a whole 200 it may store), or tell it none came; the bytes kept."""
+        capture = self.capture
+        entry = None
+        if capture is not None and not broken and capture.whole and self.status == 200:
+            entry = cache.Entry(self.stored_head, capture.body(), self.stream, now)
+        return self.gateway.cache.landed(self.cached, entry)
+
+
+def cache_fields(cached, hit: bool, stored: int) -> dict:
+    """The cache fields of an access event (metrics count them): HIT, MISS or SKIP, and the bytes stored."""
+    return {"cache": "HIT" if hit else cached.label.decode(), "cache_stored": stored}
+
+
+def hit_fields(model) -> dict:
+    """The usage fields of a cache hit's access event: it reached no upstream and used no tokens."""
+    return {"model": model if isinstance(model, str) else "-", "input_tokens": 0, "output_tokens": 0,
+            "estimated": False, "cost": None, "cached": True}
 
 
 def usage_fields(used, model, cost) -> dict:

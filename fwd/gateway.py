@@ -3,6 +3,7 @@ counts a graceful shutdown waits on.  Tests: tests/test_forward.py, tests/test_o
 
 from __future__ import annotations
 
+import hashlib
 import os
 from urllib.parse import urlsplit
 
@@ -11,6 +12,7 @@ from twisted.internet import defer
 
 from fwd import access, errors
 from fwd.answers import AccessLog
+from fwd.caching import ResponseCache
 from fwd.config import NO_LIMITS, Config, Route
 from fwd.intake import cooperator_for
 from fwd.keys import KeyPool
@@ -65,6 +67,15 @@ class ActiveRoute:
         return url if query is None else url + b"?" + query
 
 
+def scope_secret(config: Config) -> bytes:
+    """The key of the hash that scopes a client's own upstream key in the cache: from REDIS_SECRET or the pool keys
+    (instances with the same configuration share entries), else this process's own."""
+    keys = sorted(key.encode() for route in config.routes for key in route.api_keys)
+    if not config.redis_secret and not keys:
+        return os.urandom(32)
+    return hashlib.sha256(b"fwd-cache-scope\0" + config.redis_secret.encode() + b"\0" + b"\0".join(keys)).digest()
+
+
 class Gateway:
     """The daemon's shared state; each request reaches it through the Resource tree (see fwd.resource)."""
 
@@ -103,6 +114,7 @@ class Gateway:
         self.quota: QuotaStore = LocalQuota(Limiter(clock))
         self.shared = None  # the SharedState of REDIS_URL (fwd.shared), when instances share state
         self.plans: dict[tuple[str, str | None], Plan] = {}
+        self.cache = ResponseCache(config.cache_max_size, config.cache_ttl, clock, scope_secret(config))
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -116,6 +128,8 @@ class Gateway:
         self.plans = {}
         self.hop_prefix = config.hop_header_prefix.encode()
         self.log_chat = config.log_chat if self.log_chat_override is None else self.log_chat_override
+        self.cache.default_ttl = config.cache_ttl
+        self.cache.memory.max_bytes = config.cache_max_size
 
     def terms(self, active: ActiveRoute, admission: access.Admission, method: bytes, path: bytes) -> Terms:
         """The limits a request meets, and whether (and how) its usage is counted."""
@@ -181,6 +195,7 @@ class Gateway:
         }
         if self.shared is not None:
             status["redis"] = self.shared.status()
+        status["cache"] = self.cache.status()
         return status
 
     def health(self) -> dict:

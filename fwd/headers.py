@@ -24,7 +24,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Set by the upstream agent itself, or meaningless past this hop.
-REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+# x-fwd-cache asks this gateway's cache: it is not the upstream's business.
+REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-fwd-cache"}
 RESPONSE_DROP = HOP_BY_HOP
 CREDENTIALS = frozenset({b"authorization", b"api-key"})
 

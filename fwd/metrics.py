@@ -53,6 +53,11 @@ class StatusCollector:
         yield GaugeMetricFamily(
             "fwd_transcript_write_errors", "Transcript records that could not be written", value=status["transcript_write_errors"]
         )
+        cache = status.get("cache")
+        if cache is not None:
+            yield GaugeMetricFamily("fwd_cache_entries", "Answers held by the embedded response cache",
+                                    value=cache["entries"])
+            yield GaugeMetricFamily("fwd_cache_bytes", "Bytes held by the embedded response cache", value=cache["bytes"])
         redis = status.get("redis")
         if redis is not None:
             yield GaugeMetricFamily("fwd_redis_up", "1 while state is shared through Redis, 0 while it is local",
@@ -91,6 +96,13 @@ class Metrics:
             "fwd_limit_refusals", "Requests the limits refused (429), by caller and reason (rate, too_large, "
             "parallel, budget)", ["caller", "reason"], registry=self.registry,
         )
+        self.cache = Counter(
+            "fwd_cache_requests", "Answers on caching routes, by route and result (HIT, MISS, SKIP)", ["route", "result"],
+            registry=self.registry,
+        )
+        self.cache_stored = Counter(
+            "fwd_cache_stored_bytes", "Bytes of answers the response cache stored", ["route"], registry=self.registry,
+        )
         self.models: set[str] = set()
         self.registry.register(StatusCollector(status))
 
@@ -123,6 +135,11 @@ class Metrics:
             self.tokens.labels(caller, model, "output").inc(tokens_out)
             if event.get("estimated"):
                 self.estimated.labels(caller, model).inc(tokens_in + tokens_out)
+        result = event.get("cache")
+        if result is not None:
+            self.cache.labels(route, result).inc()
+            if event.get("cache_stored"):
+                self.cache_stored.labels(route).inc(event["cache_stored"])
         if event.get("upstream"):
             self.latency.labels(route).observe(event.get("duration_ms", 0.0) / 1000)
             ttfb = event.get("ttfb_ms")

@@ -70,6 +70,7 @@ class Relay(Protocol):
         masker = exchange.masker
         self.masker = masker if masker is not None and masker.keys else None
         self.metering = exchange.metering
+        self.capture = exchange.capture
 
     def connectionMade(self):
         exchange = self.exchange
@@ -96,6 +97,8 @@ class Relay(Protocol):
         exchange.sent += len(data)
         if self.transcript is not None:
             self.transcript.feed(data)
+        if self.capture is not None:
+            self.capture.feed(data)
 
     def _first_write(self, data: bytes) -> None:
         """The first write sends the headers; later ones can skip twisted.web's per-write bookkeeping."""
@@ -122,6 +125,8 @@ class Relay(Protocol):
             self.exchange.sent += len(rest)
             if self.transcript is not None:
                 self.transcript.feed(rest)
+            if self.capture is not None:
+                self.capture.feed(rest)
 
     def connectionLost(self, reason):
         if self.idle is not None and self.idle.active():

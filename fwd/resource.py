@@ -95,13 +95,17 @@ class ForwardResource(Resource):
             return
         if getattr(request, "gone", False):
             return
+        cached = self.gateway.cache.plan(request, active.route, admission, target, facts)
+        if isinstance(cached, errors.ProxyError):
+            send_error(request, cached)
+            return
         if not terms.plan:
-            self._forward(None, request, active, admission, target, terms, facts)
+            self._forward(None, request, active, admission, target, terms, facts, cached)
             return
         deciding = self.gateway.admit(terms, facts)
         if isinstance(deciding, defer.Deferred):
             deciding.addErrback(self._undecided)
-        self._when(deciding, request, self._forward, request, active, admission, target, terms, facts)
+        self._when(deciding, request, self._forward, request, active, admission, target, terms, facts, cached)
 
     @staticmethod
     def _undecided(reason):
@@ -111,8 +115,8 @@ class ForwardResource(Resource):
         log.error("admission failed: {problem}", problem=reason.type.__name__)
         return errors.limits_unavailable()
 
-    def _forward(self, ticket, request, active, admission, target, terms, facts: Facts) -> None:
-        """Forward the admitted request (or answer the 429 the limits gave it)."""
+    def _forward(self, ticket, request, active, admission, target, terms, facts: Facts, cached=None) -> None:
+        """Answer the admitted request from the cache or upstream (or answer the 429 the limits gave it)."""
         if isinstance(ticket, Refusal):
             request.limited = ticket.reason
             send_error(request, refused(ticket))
@@ -124,9 +128,9 @@ class ForwardResource(Resource):
             if ticket is not None:
                 self.gateway.quota.release(ticket)
             return
-        exchange = Exchange(self.gateway, active, admission, request, target, facts, terms, ticket)
+        exchange = Exchange(self.gateway, active, admission, request, target, facts, terms, ticket, cached)
         request.notifyFinish().addErrback(exchange.client_lost)
-        exchange.start()
+        exchange.start(self.gateway.cache.lookup(cached) if cached is not None else None)
 
 
 class HealthResource(Resource):

@@ -75,6 +75,12 @@ SETTINGS = (
     Setting("stream-usage", ("STREAM_USAGE",), "true",
             help="ask the upstream for a stream's usage when the client did not, and remove it from what the "
                  "client receives (a route's stream_usage overrides it)"),
+    Setting("cache", ("CACHE",), "false",
+            help="answer repeated identical requests from the response cache (a [[route]]'s cache overrides it; "
+                 "a request can always ask with x-fwd-cache or the body flag caching)"),
+    Setting("cache-ttl", ("CACHE_TTL",), "3600", help="seconds a cached answer is served (a [[route]]'s cache_ttl overrides it)"),
+    Setting("cache-max-size", ("CACHE_MAX_SIZE",), "256M",
+            help="bytes the embedded response cache holds, with K/M/G; the least recently used go first"),
     Setting("redis-url", ("REDIS_URL",), "",
             help="share key states, limits, budgets and usage with other instances through this Redis, "
                  "e.g. redis://:password@10.0.0.5:6379/0 (rediss:// for TLS)"),

@@ -25,9 +25,13 @@ class Options(usage.Options):
     optParameters = [
         [s.name, None, None, f"{s.help} (env {' / '.join(s.envs)}, default {s.default or 'none'})"]
         for s in settings.SETTINGS
-        if s.name not in ("port", "log-chat")
+        if s.name not in ("port", "log-chat", "cache")
     ] + [["config", "c", None, "TOML file with [[route]] tables and any of the settings above"]]
-    optFlags = [["log-chat", None, "Keep chat transcripts in LOG_DIR/chat.jsonl (env LOG_CHAT)"]]
+    optFlags = [
+        ["log-chat", None, "Keep chat transcripts in LOG_DIR/chat.jsonl (env LOG_CHAT)"],
+        ["cache", None, "Answer repeated identical requests from the response cache (env CACHE; a [[route]]'s "
+                        "cache overrides it)"],
+    ]
 
     def __init__(self):
         super().__init__()
@@ -45,6 +49,7 @@ class Options(usage.Options):
     def postOptions(self):
         cli = {key.replace("-", "_"): value for key, value in self.items() if key != "config"}
         cli["log_chat"] = True if self["log-chat"] else None
+        cli["cache"] = True if self["cache"] else None
         self.cli = cli
         self.load = lambda: configuration.load(cli, config_file=self["config"])
         try:

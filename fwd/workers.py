@@ -268,6 +268,10 @@ class Supervisor(service.MultiService):
             total["keys"] += [tuple(k) for k in status.get("keys", [])]
             if status.get("redis"):
                 redis.append(status["redis"])
+            if status.get("cache"):
+                held = total.setdefault("cache", {"entries": 0, "bytes": 0})
+                held["entries"] += status["cache"]["entries"]
+                held["bytes"] += status["cache"]["bytes"]
         if self.shared is not None:
             redis.append(self.shared.status())
             total["redis"] = {"up": all(r["up"] for r in redis), "failures": sum(r["failures"] for r in redis)}

@@ -18,6 +18,7 @@ Per-request controls, read from request headers (all optional)::
                                  byte i being i % 256, in 64 KiB writes
     x-fake-fail: MODE            hang-before-headers, close-before-headers,
                                  hang-mid-stream, reset-mid-stream
+    x-fake-cache-control: VALUE  answer with this Cache-Control header
 
 A streamed body is a list of writes: the first goes out with the headers, each
 next one C{x-fake-interval} seconds later.  C{hang-mid-stream} stops after the
@@ -497,6 +498,9 @@ class FakeUpstream(Resource):
         request.notifyFinish().addErrback(self._lost, exchange)
         request.setHeader(b"x-request-id", b"req_%d" % (self._count,))
         request.setHeader(b"openai-processing-ms", b"0")
+        cache_control = request.getHeader(b"x-fake-cache-control")
+        if cache_control is not None:
+            request.setHeader(b"cache-control", cache_control)
         request.setHeader(b"x-ratelimit-limit-requests", b"%d" % (RATE_LIMIT_REQUESTS,))
         remaining = max(RATE_LIMIT_REQUESTS - self._count, 0)
         request.setHeader(b"x-ratelimit-remaining-requests", b"%d" % (remaining,))

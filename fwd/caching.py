@@ -1,0 +1,210 @@
+"""The response cache on the request path: what a request asks of it, lookups, one upstream call per burst of
+identical misses, and the answers it keeps.  The rules are fwd.cache, the stores fwd.cache_store.
+Tests: tests/test_caching.py, tests/test_cache_e2e.py
+"""
+
+from __future__ import annotations
+
+import attrs
+import orjson
+from twisted.internet import defer
+
+from fwd import cache, errors
+from fwd.cache import Entry
+from fwd.cache_store import MemoryStore, RedisStore
+from fwd.intake import body_bytes
+
+
+@attrs.frozen
+class CachePlan:
+    """What the cache does for one request: `mode` (USE, REFRESH, SKIP), under `key` (None when the request
+    cannot be cached: it goes upstream and its answer says SKIP), for `ttl` seconds; `stream` is what the request
+    asked; `body`, when the client sent the caching flag, is the body to forward without it; `model`, the model it
+    names."""
+
+    mode: str
+    key: str | None = None
+    ttl: float = 0.0
+    stream: bool = False
+    body: bytes | None = attrs.field(default=None, repr=False)
+    model: str | None = None
+
+    @property
+    def stores(self) -> bool:
+        return self.key is not None and self.mode != cache.SKIP
+
+    @property
+    def label(self) -> bytes:
+        """x-fwd-cache of an answer that went upstream."""
+        return cache.MISS if self.stores else cache.SKIPPED
+
+
+@attrs.define
+class Counts:
+    hits: int = 0
+    misses: int = 0
+    skips: int = 0
+    waited: int = 0
+    stored: int = 0
+
+
+class ResponseCache:
+    """The gateway's cache: its store (memory, or Redis shared by instances), the misses on their way upstream,
+    and its counts."""
+
+    def __init__(self, max_bytes: int, default_ttl: float, clock, secret: bytes):
+        self.memory = MemoryStore(max_bytes, clock)
+        self.store: MemoryStore | RedisStore = self.memory
+        self.default_ttl = default_ttl
+        self.clock = clock
+        self.secret = secret
+        self.flights: dict[str, list[defer.Deferred]] = {}
+        self.counts = Counts()
+        self.file = None  # a fwd.cache_store.CacheFile, when entries persist
+
+    def share(self, shared) -> None:
+        """Keep entries in Redis (fwd.shared.SharedState) from now on."""
+        self.store = RedisStore(shared, self.memory)
+
+    # What a request asks
+
+    def plan(self, request, route, admission, target, facts) -> CachePlan | errors.ProxyError | None:
+        """The cache's plan for a request, an error for a bad x-fwd-cache header, or None when the cache has
+        nothing to do with it (its route does not cache and it did not ask)."""
+        header = request.requestHeaders.getRawHeaders(b"x-fwd-cache")
+        concerned = route.cache or header is not None
+        passing = CachePlan(cache.SKIP) if concerned else None
+        method = request.method
+        document = None
+        if not cache.cacheable_endpoint(method, target.path):
+            if header is None:
+                return passing
+        elif method == b"POST":
+            size = facts.json_size
+            if not size or size > cache.MAX_KEYED_BODY:
+                return passing  # not JSON, or more than the cache reads
+            body = facts.body if facts.body is not None else body_bytes(request.content)
+            if not concerned and b'"caching"' not in body:
+                return None
+            try:
+                document = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return passing
+            if type(document) is not dict:
+                return passing
+        try:
+            mode = cache.asked_mode(header, document.get(cache.BODY_FLAG) if document is not None else None)
+        except cache.BadCacheHeader as e:
+            return errors.bad_cache_header(str(e))
+        if not cache.cacheable_endpoint(method, target.path):
+            return passing
+        stripped = cache.without_flag(document) if document is not None and cache.BODY_FLAG in document else None
+        if mode is None:
+            if not route.cache:
+                return None if stripped is None else CachePlan(cache.SKIP, body=stripped)
+            mode = cache.USE
+        if mode == cache.SKIP or document is not None and cache.stateful(document):
+            return CachePlan(cache.SKIP, body=stripped)
+        decision = admission.decision
+        scope = cache.caller_scope(
+            route.cache_scope == "shared",
+            decision.forward_key.name if decision.forward_key is not None else None,
+            decision.client_key,
+            self.secret,
+        )
+        canonical = cache.canonical(document) if document is not None else b""
+        key = cache.cache_key(route.name, scope, method, target.path, target.query, canonical)
+        stream = document is not None and document.get("stream") is True
+        model = document.get("model") if document is not None else None
+        return CachePlan(mode, key, route.cache_ttl or self.default_ttl, stream, stripped,
+                         model if isinstance(model, str) else None)
+
+    # Lookups and flights
+
+    def lookup(self, plan: CachePlan):
+        """For a USE plan: the entry to replay, None to go upstream (as the one call of its burst), or a Deferred
+        of either (Redis answering; or an identical request already upstream, whose answer it waits for)."""
+        if plan.mode != cache.USE:
+            return None
+        found = self.store.get(plan.key)
+        if isinstance(found, defer.Deferred):
+            return found.addCallback(self._found, plan)
+        return self._found(found, plan)
+
+    def _found(self, entry: Entry | None, plan: CachePlan):
+        if entry is not None and entry.stream == plan.stream:
+            self.counts.hits += 1
+            return entry
+        waiting = self.flights.get(plan.key)
+        if waiting is None:
+            return None
+        self.counts.waited += 1
+        flight = defer.Deferred()
+        waiting.append(flight)
+        return flight
+
+    def going_upstream(self, plan: CachePlan) -> None:
+        """This request goes upstream: identical ones arriving meanwhile wait for its answer."""
+        if not plan.stores:
+            self.counts.skips += 1
+            return
+        self.counts.misses += 1
+        if plan.key not in self.flights:
+            self.flights[plan.key] = []
+
+    def landed(self, plan: CachePlan, entry: Entry | None) -> int:
+        """The upstream answered (`entry`, to keep), or failed (None): keep it, and wake those waiting; the bytes
+        kept."""
+        stored = 0
+        if entry is not None and self.store.put(plan.key, entry, plan.ttl):
+            self.counts.stored += 1
+            stored = entry.size
+            if self.file is not None and self.store is self.memory:
+                self.file.stored(plan.key, entry, self.clock.seconds() + plan.ttl)
+        waiting = self.flights.pop(plan.key, None)
+        for flight in waiting or ():
+            if flight.called:
+                continue  # its client left meanwhile
+            if entry is not None and entry.stream == plan.stream:
+                self.counts.hits += 1
+                flight.callback(entry)
+            else:
+                flight.callback(None)
+        return stored
+
+    def largest(self) -> int:
+        """The largest answer worth capturing."""
+        return self.memory.max_bytes // 4
+
+    def status(self) -> dict:
+        counts = self.counts
+        return {
+            "entries": len(self.memory), "bytes": self.memory.bytes, "hits": counts.hits, "misses": counts.misses,
+            "skips": counts.skips, "waited": counts.waited, "stored": counts.stored,
+            "store": "redis" if self.store is not self.memory else "memory",
+        }
+
+
+class Capture:
+    """Keeps the bytes of an answer as the client receives them, up to `limit`; past it, nothing is kept."""
+
+    __slots__ = ("parts", "size", "limit")
+
+    def __init__(self, limit: int):
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+
+    def feed(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size <= self.limit:
+            self.parts.append(data)
+        else:
+            self.parts = []
+
+    @property
+    def whole(self) -> bool:
+        return self.size <= self.limit
+
+    def body(self) -> bytes:
+        return b"".join(self.parts)
