@@ -6,7 +6,8 @@
 
 Columns: fwd (this checkout as installed), fwd+chat (transcripts on), fwd+limits (every request through a
 forward key with an rpm, a tpm and a token budget, usage counted into the ledger), fwd+redis (fwd+limits with
-those limits shared through a redis-server this script starts on loopback), fwd@REV (the code of git revision
+those limits shared through a redis-server this script starts on loopback), fwd+cache-hit (the response cache
+on: every request after the first is answered from it), fwd@REV (the code of git revision
 REV, from --baseline, for a before/after in one run), reference (openai-forward 0.8.1), nginx.
 
 Starts benchmarks/upstream.py (fake OpenAI upstream) and the three proxies on
@@ -50,8 +51,9 @@ UPSTREAM_PY = HERE / "upstream.py"
 REF_VENV = HERE / ".venv-reference"
 REF_PKGS = ["openai-forward==0.8.1", "pyyaml"]  # it imports yaml without declaring it
 # fwd+chat: this proxy with LOG_CHAT=true; fwd+limits: with limits and a budget on the forward key every request
-# uses; fwd+redis: fwd+limits deciding through Redis; fwd@REV: the revision given with --baseline
-PROXIES = ("fwd", "fwd+chat", "fwd+limits", "fwd+redis", "fwd@", "reference", "nginx")
+# uses; fwd+redis: fwd+limits deciding through Redis; fwd+cache-hit: the response cache answering (the load repeats
+# one request); fwd@REV: the revision given with --baseline
+PROXIES = ("fwd", "fwd+chat", "fwd+limits", "fwd+redis", "fwd+cache-hit", "fwd@", "reference", "nginx")
 HOST = "127.0.0.1"
 
 CHAT_BODY = '{"model":"gpt-3.5-turbo","messages":[{"role":"user","content":"Say hello in one short sentence."}]}'
@@ -769,7 +771,7 @@ def main(argv=None):
     ap.add_argument("--only", default="fwd,reference,nginx",
                     help="comma list of fwd,fwd+chat,fwd+limits,fwd+redis,reference,nginx (fwd+chat: with transcripts "
                          "on; fwd+limits: limits, a budget and usage counting on every request; fwd+redis: the same "
-                         "limits shared through a local redis-server)")
+                         "limits shared through a local redis-server; fwd+cache-hit: answered by the response cache)")
     ap.add_argument("--skip", default="", help="comma list of tests to skip: plain,streams,latency,mem,slow")
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--fwd-cmd", help="override the fwd command; {port} {upstream} {python} are substituted")
@@ -875,6 +877,8 @@ def main(argv=None):
                 spec, err = fwd_command(args, port, up_port)
             elif name == "fwd+chat":
                 spec, err = fwd_command(args, port, up_port, ["LOG_CHAT=true", "LOG_DIR=Log"])
+            elif name == "fwd+cache-hit":
+                spec, err = fwd_command(args, port, up_port, ["CACHE=true", "DATA_DIR=Data"])
             elif name in ("fwd+limits", "fwd+redis"):
                 toml = os.path.join(tmp, "limits.toml")
                 Path(toml).write_text(LIMITS_TOML.format(host=HOST, up_port=up_port, pool=AUTH.split()[1],

@@ -12,7 +12,8 @@ from twisted.internet import defer
 from fwd import cache, errors
 from fwd.cache import Entry
 from fwd.cache_store import MemoryStore, RedisStore
-from fwd.intake import body_bytes
+from fwd.intake import body_bytes, body_size
+from fwd.models import body_kind
 
 
 @attrs.frozen
@@ -80,7 +81,7 @@ class ResponseCache:
             if header is None:
                 return passing
         elif method == b"POST":
-            size = facts.json_size
+            size = facts.json_size or json_size(request)
             if not size or size > cache.MAX_KEYED_BODY:
                 return passing  # not JSON, or more than the cache reads
             body = facts.body if facts.body is not None else body_bytes(request.content)
@@ -208,3 +209,12 @@ class Capture:
 
     def body(self) -> bytes:
         return b"".join(self.parts)
+
+
+def json_size(request) -> int:
+    """The size of a request's body when it is JSON (uncompressed, not a form), else 0: for requests nothing else
+    read (fwd.intake reads a body only for limits, usage, model lists and transcripts)."""
+    headers = request.requestHeaders
+    size = body_size(request.content)
+    kind = body_kind(headers.getRawHeaders(b"content-type"), headers.getRawHeaders(b"content-encoding"), size)
+    return size if kind == "json" else 0

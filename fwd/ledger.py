@@ -43,19 +43,23 @@ CREATE TABLE IF NOT EXISTS usage (
     output_tokens INTEGER NOT NULL DEFAULT 0,
     estimated_tokens INTEGER NOT NULL DEFAULT 0,
     cost REAL NOT NULL DEFAULT 0,
+    cached INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (day, caller, route, model)
 )
 """
 ADD = """
-INSERT INTO usage (day, caller, route, model, requests, input_tokens, output_tokens, estimated_tokens, cost)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO usage (day, caller, route, model, requests, input_tokens, output_tokens, estimated_tokens, cost, cached)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (day, caller, route, model) DO UPDATE SET
     requests = requests + excluded.requests,
     input_tokens = input_tokens + excluded.input_tokens,
     output_tokens = output_tokens + excluded.output_tokens,
     estimated_tokens = estimated_tokens + excluded.estimated_tokens,
-    cost = cost + excluded.cost
+    cost = cost + excluded.cost,
+    cached = cached + excluded.cached
 """
+# A ledger written before the response cache counted its hits gets the column.
+MIGRATIONS = ("ALTER TABLE usage ADD COLUMN cached INTEGER NOT NULL DEFAULT 0",)
 
 
 def utc_day(when: float) -> str:
@@ -68,6 +72,10 @@ def connect(path: str) -> sqlite3.Connection:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute(SCHEMA)
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+    if "cached" not in columns:
+        for statement in MIGRATIONS:
+            connection.execute(statement)
     return connection
 
 
@@ -84,7 +92,7 @@ def spent_since(connection: sqlite3.Connection, route: str, caller: str, since: 
 def merge(counts: dict, rows: list[tuple]) -> None:
     """Add ledger rows to counts kept by (day, caller, route, model)."""
     for day, caller, route, model, *values in rows:
-        row = counts.setdefault((day, caller, route, model), [0, 0, 0, 0, 0.0])
+        row = counts.setdefault((day, caller, route, model), [0, 0, 0, 0, 0.0, 0])
         for index, value in enumerate(values):
             row[index] += value
 
@@ -183,8 +191,11 @@ class Ledger(service.Service):
         key = (self._day, event["caller"], event["route"], model)
         row = self.pending.get(key)
         if row is None:
-            row = self.pending[key] = [0, 0, 0, 0, 0.0]
+            row = self.pending[key] = [0, 0, 0, 0, 0.0, 0]
         row[0] += 1
+        if event.get("cached"):
+            row[5] += 1  # answered by the response cache: no tokens
+            return
         tokens_in = event.get("input_tokens")
         if tokens_in is None:
             return

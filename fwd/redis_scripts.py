@@ -212,12 +212,12 @@ return #KEYS
 """
 # The usage counts of a day are kept this long in Redis (the ledger of each instance keeps them for good).
 USAGE_DAYS = 400
-USAGE_COUNTS = ("requests", "input_tokens", "output_tokens", "estimated_tokens", "cost")
+USAGE_COUNTS = ("requests", "input_tokens", "output_tokens", "estimated_tokens", "cost", "cached")
 FIELD_SEPARATOR = "\x1f"
 
 
 def usage_call(rows: list[tuple]) -> tuple[list, list]:
-    """The USAGE call adding ledger rows (day, caller, route, model, requests, input, output, estimated, cost)
+    """The USAGE call adding ledger rows (day, caller, route, model, requests, input, output, estimated, cost, cached)
     to the hashes `fwd:usage:<day>`, fields "caller<US>route<US>model<US>count"."""
     by_day: dict[str, list[str]] = {}
     for day, caller, route, model, *counts in rows:
@@ -239,7 +239,7 @@ def usage_rows(day: str, fields: dict) -> list[tuple]:
         parts = field.split(FIELD_SEPARATOR)
         if len(parts) != 4 or parts[3] not in USAGE_COUNTS:
             continue
-        row = rows.setdefault((day, *parts[:3]), [0, 0, 0, 0, 0.0])
+        row = rows.setdefault((day, *parts[:3]), [0, 0, 0, 0, 0.0, 0])
         number = float(value.decode() if isinstance(value, bytes) else value)
         index = USAGE_COUNTS.index(parts[3])
         row[index] = number if index == 4 else int(number)

@@ -20,7 +20,7 @@ from fwd.ledger import LEDGER_FILENAME, utc_day
 
 GROUPS = ("day", "caller", "route", "model")
 DEFAULT_GROUPS = ("day", "caller", "model")
-COUNTS = ("requests", "input_tokens", "output_tokens", "estimated_tokens", "cost")
+COUNTS = ("requests", "cached", "input_tokens", "output_tokens", "estimated_tokens", "cost")
 
 
 def parse_groups(text: str) -> tuple[str, ...]:
@@ -61,7 +61,7 @@ def totals(rows: list[dict]) -> dict:
 def table(rows: list[dict], groups: tuple[str, ...], priced: bool) -> str:
     """The rows as an aligned text table with a total line."""
     counts = [name for name in COUNTS if name != "cost" or priced]
-    heads = [*groups, "requests", "input", "output", "estimated", *(["cost $"] if priced else [])]
+    heads = [*groups, "requests", "cached", "input", "output", "estimated", *(["cost $"] if priced else [])]
     lines = []
     for row in [*rows, {**dict.fromkeys(groups, ""), **totals(rows), groups[0]: "total"}]:
         cells = [str(row[g]) for g in groups]

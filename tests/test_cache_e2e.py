@@ -7,13 +7,15 @@ import base64
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import httpx2
 import openai
 import pytest
 
-from tests.support.processes import DaemonProcess
+from tests.support.processes import DaemonProcess, with_checkout_on_path
 
 pytestmark = pytest.mark.slow
 
@@ -183,6 +185,17 @@ def test_a_hit_counts_against_the_rate_and_the_transcript_says_hit(daemon, upstr
         time.sleep(0.1)
     assert [r.get("cache") for r in records[:3]] == [None, "hit", "hit"]
     assert records[1]["response"] == records[0]["response"]
+    deadline = time.monotonic() + 5
+    while True:  # the ledger is written every second
+        out = subprocess.run(
+            [sys.executable, "-m", "fwd.cli", "usage", "--data-dir", str(tmp_path / "data"), "--by", "caller", "--json"],
+            capture_output=True, text=True, env=with_checkout_on_path(dict(os.environ)), check=True).stdout
+        row = [r for r in json.loads(out)["rows"] if r["caller"] == "limited"]
+        if row and row[0]["requests"] >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert (row[0]["requests"], row[0]["cached"]) == (3, 2), "the two hits are counted, as cached"
+    assert row[0]["input_tokens"] > 0, "the one upstream answer's tokens, and no more"
 
 
 def test_entries_survive_a_restart_in_the_data_directory(tmp_path, upstream):
@@ -229,3 +242,21 @@ def test_with_redis_two_instances_share_entries(tmp_path, upstream, redis_server
             model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_headers={"x-fake-chunks": "4"})
         assert raw.headers["x-fwd-cache"] == "HIT" and [c.model_dump() for c in raw.parse()] == stream
     assert not (tmp_path / "data" / "cache.sqlite").exists(), "entries live in Redis, not in the file"
+
+
+def test_the_single_route_caches_with_the_cache_flag_embeddings_and_model_listings_too(tmp_path, upstream):
+    upstream.reset()
+    env = {"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": POOL, "FORWARD_KEY": ALICE, "CHECK_KEYS": "false"}
+    with DaemonProcess(["--cache", "--data-dir", "data"], env=env, cwd=str(tmp_path)) as proxy:
+        assert [chat(proxy)[0]["x-fwd-cache"] for _ in range(2)] == ["MISS", "HIT"]
+        sdk = client(proxy)
+        vectors = [sdk.embeddings.with_raw_response.create(model="text-embedding-3-small", input="same words")
+                   for _ in range(2)]
+        assert [v.headers["x-fwd-cache"] for v in vectors] == ["MISS", "HIT"]
+        assert vectors[0].parse().data[0].embedding == vectors[1].parse().data[0].embedding
+        listings = [sdk.models.with_raw_response.list() for _ in range(2)]
+        assert [m.headers["x-fwd-cache"] for m in listings] == ["MISS", "HIT"]
+        assert [m.id for m in listings[1].parse()] == [m.id for m in listings[0].parse()]
+        upload = sdk.files.with_raw_response.create(file=("a.jsonl", b"{}\n"), purpose="batch")
+        assert upload.headers["x-fwd-cache"] == "SKIP", "uploads are never cached"
+    assert len(upstream_chats(upstream)) == 1

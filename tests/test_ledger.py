@@ -54,10 +54,10 @@ def test_forwarded_requests_add_up_by_day_caller_route_and_model(tmp_path):
     ledger(event())
     ledger.write(ledger.take())
     assert rows(ledger) == [
-        ("2026-11-30", "alice", "/", "gpt-4o", 1, 1, 1, 0, 0.25),
-        ("2026-11-30", "alice", "/", "gpt-4o-mini", 2, 13, 4, 10, 0.0),
-        ("2026-11-30", "bob", "/", "-", 1, 0, 0, 0, 0.0),
-        ("2026-12-01", "alice", "/", "gpt-4o-mini", 1, 3, 4, 0, 0.0),
+        ("2026-11-30", "alice", "/", "gpt-4o", 1, 1, 1, 0, 0.25, 0),
+        ("2026-11-30", "alice", "/", "gpt-4o-mini", 2, 13, 4, 10, 0.0, 0),
+        ("2026-11-30", "bob", "/", "-", 1, 0, 0, 0, 0.0, 0),
+        ("2026-12-01", "alice", "/", "gpt-4o-mini", 1, 3, 4, 0, 0.0, 0),
     ]
     assert ledger.take() == [], "what was taken is not written twice"
 
@@ -188,15 +188,15 @@ def test_usage_prints_a_table_by_day_caller_and_model_and_json_on_request(tmp_pa
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0] == "usage from 2026-11-01 to 2026-11-30 (UTC)"
-    assert lines[1].split() == ["day", "caller", "model", "requests", "input", "output", "estimated", "cost", "$"]
-    assert lines[2].split() == ["2026-11-30", "alice", "gpt-4o-mini", "1", "100", "20", "0", "0.0100"]
-    assert lines[3].split() == ["2026-11-30", "bob", "gpt-4o-mini", "1", "7", "3", "10", "0.0000"]
-    assert lines[-1].split() == ["total", "2", "107", "23", "10", "0.0100"]
+    assert lines[1].split() == ["day", "caller", "model", "requests", "cached", "input", "output", "estimated", "cost", "$"]
+    assert lines[2].split() == ["2026-11-30", "alice", "gpt-4o-mini", "1", "0", "100", "20", "0", "0.0100"]
+    assert lines[3].split() == ["2026-11-30", "bob", "gpt-4o-mini", "1", "0", "7", "3", "10", "0.0000"]
+    assert lines[-1].split() == ["total", "2", "0", "107", "23", "10", "0.0100"]
     assert main_usage(["--data-dir", data, "--by", "caller", "--json"], now=NOW) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["rows"] == [
-        {"caller": "alice", "requests": 1, "input_tokens": 100, "output_tokens": 20, "estimated_tokens": 0, "cost": 0.01},
-        {"caller": "bob", "requests": 1, "input_tokens": 7, "output_tokens": 3, "estimated_tokens": 10, "cost": 0.0},
+        {"caller": "alice", "requests": 1, "input_tokens": 100, "output_tokens": 20, "estimated_tokens": 0, "cost": 0.01, "cached": 0},
+        {"caller": "bob", "requests": 1, "input_tokens": 7, "output_tokens": 3, "estimated_tokens": 10, "cost": 0.0, "cached": 0},
     ]
     assert report["total"]["input_tokens"] == 107
     assert main_usage(["--data-dir", data, "--since", "2026-12-01", "--json"], now=NOW) == 0
@@ -285,4 +285,26 @@ def test_counts_a_write_could_not_take_are_kept_and_written_later(tmp_path):
     assert ledger.write_errors == 1
     ledger.write = write
     write(ledger.take())
-    assert rows(ledger) == [("2026-11-30", "alice", "/", "gpt-4o-mini", 2, 6, 7, 0, 0.0)]
+    assert rows(ledger) == [("2026-11-30", "alice", "/", "gpt-4o-mini", 2, 6, 7, 0, 0.0, 0)]
+
+
+def test_cache_hits_are_requests_without_tokens_and_an_old_ledger_gains_the_column(tmp_path):
+    import sqlite3
+
+    (tmp_path / "data").mkdir()
+    old = sqlite3.connect(tmp_path / "data" / "usage.sqlite")
+    old.execute("CREATE TABLE usage (day TEXT NOT NULL, caller TEXT NOT NULL, route TEXT NOT NULL, model TEXT NOT NULL, "
+                "requests INTEGER NOT NULL DEFAULT 0, input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER "
+                "NOT NULL DEFAULT 0, estimated_tokens INTEGER NOT NULL DEFAULT 0, cost REAL NOT NULL DEFAULT 0, "
+                "PRIMARY KEY (day, caller, route, model))")
+    old.execute("INSERT INTO usage VALUES ('2026-11-29', 'alice', '/', 'gpt-4o-mini', 1, 3, 4, 0, 0.0)")
+    old.commit()
+    old.close()
+    ledger, _ = ledger_at(tmp_path)
+    ledger(event())
+    ledger({**event(tokens=(0, 0)), "cached": True})
+    ledger.write(ledger.take())
+    assert rows(ledger) == [
+        ("2026-11-29", "alice", "/", "gpt-4o-mini", 1, 3, 4, 0, 0.0, 0),
+        ("2026-11-30", "alice", "/", "gpt-4o-mini", 2, 3, 4, 0, 0.0, 1),
+    ]
