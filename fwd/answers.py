@@ -91,6 +91,8 @@ class AccessLog:
         costs a tenth of a forwarded request."""
         duration_ms = (now - started) * 1000
         line = "%s %s %s %d %d %.0fms %s" % (client, method, path, status, sent, duration_ms, caller)
+        if "served_by" in extra:
+            line += " via " + extra["served_by"]
         access_log.info(
             line.replace("{", "{{").replace("}", "}}"),
             client=client,

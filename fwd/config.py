@@ -76,8 +76,34 @@ class ForwardKey:
 
 
 @attrs.frozen
+class Upstream:
+    """One server behind a route: where it is, how it speaks, its own key pool, its share of the traffic, the
+    models it serves (None: any), and for Azure the deployment of each model and the api-version to ask for."""
+
+    base_url: str
+    kind: str = "openai"
+    api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
+    weight: float = 1.0
+    models: frozenset[str] | None = None
+    deployments: Mapping[str, str] = attrs.field(factory=dict)
+    api_version: str | None = None
+
+    @property
+    def served(self) -> frozenset[str] | None:
+        """The models it serves: `models`, else the models of its deployments, else None (any)."""
+        if self.models is not None:
+            return self.models
+        return frozenset(self.deployments) if self.deployments else None
+
+    def serves(self, model: object) -> bool:
+        """Whether a request for `model` may go here (a request that names no model may go anywhere)."""
+        served = self.served
+        return served is None or not isinstance(model, str) or model in served
+
+
+@attrs.frozen
 class Route:
-    """A path prefix served by one upstream with its own key pool and forward keys."""
+    """A path prefix served by one upstream (or several) with their key pools, and forward keys."""
 
     prefix: str
     base_url: str
@@ -91,6 +117,21 @@ class Route:
     cache: bool = False
     cache_ttl: float | None = None
     cache_scope: str = "caller"
+    # Its [[route.upstream]] tables; none: the one upstream of base_url, kind and api_keys.
+    upstream_tables: tuple[Upstream, ...] = attrs.field(default=(), repr=False)
+    # Whether a 5xx answer to a POST may be replayed on another upstream (the OpenAI SDKs retry them anyway).
+    retry_post_5xx: bool = True
+
+    @property
+    def upstreams(self) -> tuple[Upstream, ...]:
+        """Where it sends requests."""
+        return self.upstream_tables or (Upstream(self.base_url, self.kind, self.api_keys),)
+
+    @property
+    def reads_model(self) -> bool:
+        """Whether the model a request names decides where it goes: which upstreams serve it, or the Azure
+        deployment an OpenAI-shaped request is sent to."""
+        return any(u.served is not None or u.kind == "azure" and self.kind != "azure" for u in self.upstreams)
 
     @property
     def limited(self) -> bool:
@@ -267,6 +308,57 @@ def make_route(
     return route
 
 
+UPSTREAM_FIELDS = ("base_url", "kind", "api_keys", "weight", "models", "deployments", "api_version")
+
+
+def parse_upstreams(tables: object, here: str) -> tuple[Upstream, ...]:
+    """A route's [[route.upstream]] tables."""
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, Mapping) for t in tables):
+        raise ConfigError(f"{here}: upstream must be an array of tables ([[route.upstream]])")
+    upstreams = []
+    for number, table in enumerate(tables, 1):
+        where = f"{here}: upstream {number}"
+        unknown = set(table) - set(UPSTREAM_FIELDS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+        if "base_url" not in table:
+            raise ConfigError(f"{where}: base_url is missing")
+        kind = table.get("kind", "openai")
+        if kind not in KINDS:
+            raise ConfigError(f"{where}: kind={kind!r} must be one of {', '.join(KINDS)}")
+        weight = table.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1000:
+            raise ConfigError(f"{where}: weight must be a number above 0, at most 1000")
+        models = table.get("models")
+        if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)):
+            raise ConfigError(f"{where}: models must be a list of model names")
+        deployments = table.get("deployments", {})
+        if not isinstance(deployments, Mapping) or not all(
+            isinstance(d, str) and d and "/" not in d and "?" not in d and "%" not in d for d in deployments.values()
+        ):
+            raise ConfigError(f"{where}: deployments must be a table of model = \"deployment name\"")
+        if deployments and kind != "azure":
+            raise ConfigError(f"{where}: deployments are for kind = \"azure\" upstreams")
+        api_version = table.get("api_version")
+        if api_version is not None and (not isinstance(api_version, str) or not api_version.replace("-", "").isalnum()):
+            raise ConfigError(f"{where}: api_version must look like 2024-10-21 or preview")
+        if deployments and api_version is None:
+            raise ConfigError(f"{where}: deployments need an api_version (e.g. \"2024-10-21\")")
+        upstreams.append(Upstream(
+            base_url=parse_url(table["base_url"], f"{where}: base_url"),
+            kind=kind,
+            api_keys=parse_secrets(table.get("api_keys", ()), f"{where}: api_keys"),
+            weight=float(weight),
+            models=None if models is None else frozenset(models),
+            deployments=dict(deployments),
+            api_version=api_version,
+        ))
+    bases = [u.base_url for u in upstreams]
+    if len(set(bases)) != len(bases):
+        raise ConfigError(f"{here}: two upstreams have the same base_url")
+    return tuple(upstreams)
+
+
 def route_cache(table: Mapping, here: str, default: bool) -> dict:
     """A [[route]]'s cache fields: cache (default: CACHE), cache_ttl, cache_scope."""
     on = table.get("cache", default)
@@ -291,12 +383,22 @@ def routes_from_file(tables: object, file_name: str, allow_client_keys: bool, ca
         here = f"[[route]] {number} in {file_name}"
         unknown = set(table) - {
             "prefix", "base_url", "kind", "api_keys", "forward_keys", "allow_client_keys", "default_max_tokens",
-            "stream_usage", "cache", "cache_ttl", "cache_scope", *LIMIT_FIELDS,
+            "stream_usage", "cache", "cache_ttl", "cache_scope", "upstream", "retry_post_5xx", *LIMIT_FIELDS,
         }
         if unknown:
             raise ConfigError(f"{here}: unknown field {sorted(unknown)[0]!r}")
+        upstreams = ()
+        if "upstream" in table:
+            if "base_url" in table or "api_keys" in table:
+                raise ConfigError(f"{here}: give base_url and api_keys in its [[route.upstream]] tables, not both")
+            upstreams = parse_upstreams(table["upstream"], here)
+            table = {**table, "base_url": upstreams[0].base_url,
+                     "api_keys": [k for u in upstreams for k in u.api_keys]}
         if "base_url" not in table:
             raise ConfigError(f"{here}: base_url is missing")
+        retry = table.get("retry_post_5xx", True)
+        if not isinstance(retry, bool):
+            raise ConfigError(f"{here}: retry_post_5xx must be true or false")
         allow = table.get("allow_client_keys", allow_client_keys)
         if not isinstance(allow, bool):
             raise ConfigError(f"{here}: allow_client_keys must be true or false")
@@ -324,6 +426,8 @@ def routes_from_file(tables: object, file_name: str, allow_client_keys: bool, ca
                 default_max_tokens=default_max,
                 stream_usage=stream_usage,
                 **route_cache(table, here, cache),
+                upstream_tables=upstreams,
+                retry_post_5xx=retry,
             )
         )
     prefixes = [r.prefix for r in routes]
@@ -432,7 +536,14 @@ def describe(config: Config) -> Iterable[str]:
             if route.api_keys
             else "client keys pass through"
         )
-        yield f"route {route.name} -> {route.base_url} ({route.kind}; {auth})"
+        if len(route.upstreams) == 1:
+            yield f"route {route.name} -> {route.base_url} ({route.kind}; {auth})"
+        else:
+            yield f"route {route.name} -> {len(route.upstreams)} upstreams ({auth})"
+            for upstream in route.upstreams:
+                serves = f"; models {', '.join(sorted(upstream.models))}" if upstream.models is not None else ""
+                yield (f"  upstream {upstream.base_url} ({upstream.kind}; weight {upstream.weight:g}; "
+                       f"{len(upstream.api_keys)} pool keys{serves})")
         if route.no_auth:
             yield (
                 f"WARNING: route {route.name} has pool keys but no FORWARD_KEY: anyone who can reach this "

@@ -144,6 +144,15 @@ def keys_exhausted(retry_after: float, rate_limited: bool) -> ProxyError:
     )
 
 
+def no_upstream(model: str | None) -> ProxyError:
+    """No upstream of the route serves the model the request names (`model` is shown cut short)."""
+    if model is None:
+        return ProxyError(404, "No upstream of this route serves this request.", code="model_not_found")
+    shown = model[:64].encode("unicode_escape").decode("ascii")
+    return ProxyError(404, f"No upstream of this route serves the model {shown!r}.", code="model_not_found",
+                      param="model")
+
+
 def upstream_unreachable(base_url: str, reason: str) -> ProxyError:
     return ProxyError(
         502,

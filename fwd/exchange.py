@@ -24,6 +24,7 @@ from fwd import access, cache, errors, keys
 from fwd.answers import send_error
 from fwd.body import BytesProducer, RequestBody, body_producer
 from fwd.caching import Capture
+from fwd.failover import UpstreamAttempts
 from fwd.headers import (
     clean_phrase,
     is_event_stream,
@@ -75,7 +76,10 @@ class Exchange:
         request.exchange = self
         self.clock = gateway.clock
         self.started = self.clock.seconds()
-        self.attempts = keys.KeyAttempts(active.pool, active.route.kind, admission.decision.use_pool)
+        model = facts.values.get("model")
+        if model is None and cached is not None:
+            model = cached.model
+        self.attempts = UpstreamAttempts(active, target, model, admission.decision.use_pool, self.clock)
         self.pending: defer.Deferred | None = None
         self.relay: Relay | None = None
         self.client_gone = False
@@ -88,7 +92,6 @@ class Exchange:
         self.transcript: Transcript | None = None
         self.facts = facts
         self.ticket = ticket
-        self.url = active.upstream_url(target.rest, target.query)
         self.body = body = request.content
         self.body_size = body_size(body)
         self.cached = cached
@@ -104,7 +107,7 @@ class Exchange:
         self.headers = upstream_headers(
             request.requestHeaders.getAllRawHeaders(),
             hop_prefix=gateway.hop_prefix,
-            host=active.host,
+            host=None,  # each upstream's own, per attempt
             decision=admission.decision,
             from_api_key=admission.from_api_key,
             proxy_keys=bool(self.config.proxy_keys),
@@ -222,7 +225,7 @@ class Exchange:
             producer = BytesProducer(self.upstream_body)
         elif self.body_size or method in (b"POST", b"PUT", b"PATCH"):
             producer = body_producer(self.body, self.gateway.cooperator) if self.body is not None else BytesProducer(b"")
-        d = self.gateway.agent.request(method, self.url, Headers(dict(outcome)), producer)
+        d = self.gateway.agent.request(method, self.attempts.url, Headers(dict(outcome)), producer)
         d.addTimeout(self.config.timeout, self.clock, onTimeoutCancel=self._timed_out)
         self.pending = d
         d.addCallbacks(self._response, self._request_failed)
@@ -238,6 +241,13 @@ class Exchange:
             response.deliverBody(Discard())
             return
         status = response.code
+        attempts = self.attempts
+        if status >= 500 and self._fails_over(status):
+            response.deliverBody(Discard())
+            self._attempt()
+            return
+        if status < 500:
+            attempts.answered()
         if self.attempts.key is not None:
             if status in keys.RETRY_STATUSES:
                 # Read the (small) refusal before judging the key: quota, revocation and region differ.
@@ -250,6 +260,18 @@ class Exchange:
         self._start_response(response)
         self.relay = Relay(self)
         response.deliverBody(self.relay)
+
+    def _fails_over(self, status: int) -> bool:
+        """A 5xx: rest the upstream; True when the request goes to another one instead of relaying it."""
+        attempts = self.attempts
+        attempts.failed(f"answered {status}")
+        if self.request.method == b"POST" and not self.active.route.retry_post_5xx:
+            return False
+        if not attempts.can_fail_over():
+            return False
+        log.warn("upstream {url} answered {status}; trying another", url=attempts.name, status=status)
+        attempts.fail_over()
+        return True
 
     def _refused(self, response, body: bytes) -> None:
         """A pool key was refused: rest or reject it and replay on the next key, or pass the answer on."""
@@ -334,12 +356,18 @@ class Exchange:
         self.pending = None
         if self.client_gone:
             return
-        base = self.active.route.base_url
+        attempts = self.attempts
+        base = attempts.name
         if reason.check(defer.TimeoutError):
             error = errors.upstream_timeout(base, self.config.timeout)
         else:
             error = errors.upstream_unreachable(base, describe_failure(reason))
         log.warn("upstream {url} failed: {why}", url=base, why=error.message)
+        attempts.failed(error.code or "failed")
+        if attempts.can_fail_over():
+            attempts.fail_over()
+            self._attempt()
+            return
         self._fail(error)
 
     def _unexpected(self, reason) -> None:
@@ -364,6 +392,7 @@ class Exchange:
             waiting.cancel()
             self._end(partial=True, error="client disconnected")
         elif self.pending is not None:
+            self.attempts.left()
             pending, self.pending = self.pending, None
             pending.cancel()
             self._end(partial=True, error="client disconnected")
@@ -392,7 +421,7 @@ class Exchange:
             self._end(partial=True, error="client disconnected")
             return
         why = "upstream went silent" if self.relay is not None and self.relay.timed_out else "upstream connection lost"
-        log.warn("{why} mid-body on {url}; aborting the client connection", why=why, url=self.active.route.base_url)
+        log.warn("{why} mid-body on {url}; aborting the client connection", why=why, url=self.attempts.name)
         abort(request)
         self._end(partial=True, error=why)
 
@@ -423,7 +452,7 @@ class Exchange:
                     transcript.feed(body)
             try:
                 emit(Ended(transcript, partial=partial, error=error, latency_ms=(now - self.started) * 1000,
-                           cache="hit" if self.hit else None,
+                           extra=self._record_extra(),
                            used=None if used is None else {
                                "input_tokens": used.input_tokens, "output_tokens": used.output_tokens,
                                "total_tokens": used.total_tokens, "estimated": used.estimated,
@@ -445,10 +474,20 @@ class Exchange:
             upstream=True,
             **(hit_fields(self.cached.model) if self.hit else usage_fields(used, self.facts.values.get("model"), cost)),
             **({} if self.cached is None else cache_fields(self.cached, self.hit, stored)),
+            **({"served_by": self.attempts.name} if self.attempts.several and self.attempts.upstream else {}),
         )
         if isinstance(self.body, RequestBody):
             self.body.close()
         gateway.exchange_ended()
+
+    def _record_extra(self) -> dict | None:
+        """What a transcript record adds: a cache hit, and which of several upstreams answered."""
+        extra = {}
+        if self.hit:
+            extra["cache"] = "hit"
+        elif self.attempts.several and self.attempts.upstream is not None:
+            extra["upstream"] = self.attempts.name
+        return extra or None
 
     def _land(self, broken: bool, now: float) -> int:
         """Give the cache this answer to keep (a whole 200 it may store), or tell it none came; the bytes kept."""

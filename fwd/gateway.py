@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+import time
 from urllib.parse import urlsplit
 
 import attrs
@@ -12,8 +14,9 @@ from twisted.internet import defer
 
 from fwd import access, errors
 from fwd.answers import AccessLog
+from fwd.balance import SERVING, UpstreamHealth
 from fwd.caching import ResponseCache
-from fwd.config import NO_LIMITS, Config, Route
+from fwd.config import NO_LIMITS, Config, Route, Upstream
 from fwd.intake import cooperator_for
 from fwd.keys import KeyPool
 from fwd.limits import Limiter
@@ -42,29 +45,82 @@ def host_header(base_url: str) -> bytes:
 
 
 @attrs.define
-class ActiveRoute:
-    """A configured route with what it needs at run time: its key pool and forward-key table."""
+class ActiveUpstream:
+    """One upstream of a route at run time: its key pool, its health (fwd.balance) and its request target."""
 
-    route: Route
+    upstream: Upstream
     pool: KeyPool
-    table: access.ForwardKeyTable
     base: bytes
     host: bytes
+    health: UpstreamHealth = attrs.field(factory=UpstreamHealth)
 
     @classmethod
-    def build(cls, route: Route, clock) -> ActiveRoute:
-        return cls(
-            route=route,
-            pool=KeyPool(route.api_keys, clock),
-            table=access.ForwardKeyTable(route.forward_keys),
-            base=route.base_url.encode(),
-            host=host_header(route.base_url),
-        )
+    def build(cls, upstream: Upstream, clock) -> ActiveUpstream:
+        return cls(upstream, KeyPool(upstream.api_keys, clock), upstream.base_url.encode(), host_header(upstream.base_url))
 
-    def upstream_url(self, rest: bytes, query: bytes | None) -> bytes:
+    @property
+    def name(self) -> str:
+        return self.upstream.base_url
+
+    def url(self, rest: bytes, query: bytes | None) -> bytes:
         """The upstream URL of a request whose path below the route's mount point is `rest`."""
         url = self.base + b"/" + rest
         return url if query is None else url + b"?" + query
+
+
+@attrs.define
+class ActiveRoute:
+    """A configured route with what it needs at run time: its upstreams (each with its key pool and health), its
+    forward-key table, and the random draws of its upstream choice."""
+
+    route: Route
+    upstreams: list[ActiveUpstream]
+    table: access.ForwardKeyTable
+    reads_model: bool = False  # the model a request names decides where it goes (Route.reads_model)
+    rng: random.Random = attrs.field(factory=random.Random, repr=False)
+
+    @classmethod
+    def build(cls, route: Route, clock) -> ActiveRoute:
+        return cls(route, [ActiveUpstream.build(u, clock) for u in route.upstreams],
+                   access.ForwardKeyTable(route.forward_keys), route.reads_model)
+
+    @property
+    def pool(self) -> KeyPool:
+        """The key pool of a route with one upstream."""
+        return self.upstreams[0].pool
+
+    @property
+    def host(self) -> bytes:
+        return self.upstreams[0].host
+
+    def pools(self):
+        return [u.pool for u in self.upstreams]
+
+    def upstream_url(self, rest: bytes, query: bytes | None) -> bytes:
+        """The URL of a request on a route with one upstream."""
+        return self.upstreams[0].url(rest, query)
+
+
+def route_health(active: ActiveRoute, now: float) -> dict:
+    """A route in /healthz: its upstream (or upstreams, each with its state) and key counts; never a key."""
+    if len(active.upstreams) == 1:
+        return {"prefix": active.route.name, "base_url": active.route.base_url, "kind": active.route.kind,
+                "keys": active.pool.health()}
+    return {"prefix": active.route.name, "kind": active.route.kind, "upstreams": [upstream_health(u, now)
+                                                                                  for u in active.upstreams]}
+
+
+def upstream_health(active: ActiveUpstream, now: float) -> dict:
+    health = active.health
+    state = health.state(now)
+    found = {"base_url": active.name, "kind": active.upstream.kind, "weight": active.upstream.weight,
+             "state": state, "in_flight": health.in_flight, "served": health.served, "errors": health.errors,
+             "latency_ms": None if health.latency is None else round(health.latency * 1000, 1),
+             "keys": active.pool.health()}
+    if state != SERVING:
+        found["resting_until"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(health.resting_until))
+        found["why"] = health.why
+    return found
 
 
 def scope_secret(config: Config) -> bytes:
@@ -118,12 +174,17 @@ class Gateway:
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
-        """Serve new requests with this configuration; running exchanges keep theirs, pools keep key states."""
-        old = {key: state for active in self.routes.values() for key, state in active.pool.states_by_key().items()}
+        """Serve new requests with this configuration; running exchanges keep theirs, pools keep key states and
+        upstreams that stay keep their health."""
+        old = {key: state for active in self.routes.values() for pool in active.pools()
+               for key, state in pool.states_by_key().items()}
+        healths = {(name, u.name): u.health for name, active in self.routes.items() for u in active.upstreams}
         self.config = config
         routes = {route.name: ActiveRoute.build(route, self.clock) for route in config.routes}
-        for active in routes.values():
-            active.pool.adopt(old)
+        for name, active in routes.items():
+            for upstream in active.upstreams:
+                upstream.pool.adopt(old)
+                upstream.health = healths.get((name, upstream.name), upstream.health)
         self.routes = routes
         self.plans = {}
         self.hop_prefix = config.hop_header_prefix.encode()
@@ -188,10 +249,14 @@ class Gateway:
 
     def status(self) -> dict:
         """What the daemon is doing now, for /healthz and metrics; never a key."""
+        now = self.clock.seconds()
         status = {
             "in_flight": self.in_flight,
             "streams": self.streams,
-            "keys": [(a.route.name, masked, state) for a in self.routes.values() for masked, state in a.pool.states()],
+            "keys": [(a.route.name, masked, state) for a in self.routes.values() for pool in a.pools()
+                     for masked, state in pool.states()],
+            "upstreams": [(a.route.name, u.name, u.health.state(now), u.health.in_flight, u.health.errors,
+                           u.health.latency) for a in self.routes.values() for u in a.upstreams],
         }
         if self.shared is not None:
             status["redis"] = self.shared.status()
@@ -205,10 +270,7 @@ class Gateway:
             "pid": os.getpid(),
             "in_flight": self.in_flight,
             "streams": self.streams,
-            "routes": [
-                {"prefix": a.route.name, "base_url": a.route.base_url, "kind": a.route.kind, "keys": a.pool.health()}
-                for a in self.routes.values()
-            ],
+            "routes": [route_health(a, self.clock.seconds()) for a in self.routes.values()],
         }
         if self.shared is not None:
             redis = self.shared.status()

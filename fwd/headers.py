@@ -91,7 +91,7 @@ def upstream_headers(
     headers: Iterable[tuple[bytes, list[bytes]]],
     *,
     hop_prefix: bytes,
-    host: bytes,
+    host: bytes | None,
     decision,
     from_api_key: bool,
     proxy_keys: bool,
@@ -103,7 +103,8 @@ def upstream_headers(
     """
     substitute = decision.use_pool or proxy_keys
     out = request_headers(headers, hop_prefix, drop_credentials=substitute)
-    out.append((b"host", [host]))
+    if host is not None:
+        out.append((b"host", [host]))
     if substitute and decision.client_key is not None:
         key = decision.client_key.encode("latin-1")
         if from_api_key:

@@ -53,11 +53,12 @@ class KeyCheck:
         """Check each pool key of each route whose upstream has a model list; fires with {masked key: verdict}."""
         checks = []
         for active in gateway.routes.values():
-            route = active.route
-            if route.kind == "general" or not route.api_keys:
-                continue
-            for key in route.api_keys:
-                checks.append(self.semaphore.run(self._check_one, active.pool, key, route.base_url, route.kind))
+            for upstream in active.upstreams:
+                config = upstream.upstream
+                if config.kind == "general" or not config.api_keys:
+                    continue
+                for key in config.api_keys:
+                    checks.append(self.semaphore.run(self._check_one, upstream.pool, key, config.base_url, config.kind))
         results = defer.gatherResults(checks, consumeErrors=True)
         return results.addCallback(lambda outcomes: dict(outcomes))
 

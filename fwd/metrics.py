@@ -53,6 +53,35 @@ class StatusCollector:
         yield GaugeMetricFamily(
             "fwd_transcript_write_errors", "Transcript records that could not be written", value=status["transcript_write_errors"]
         )
+        upstreams = status.get("upstreams") or []
+        if upstreams:
+            state = GaugeMetricFamily("fwd_upstream_state", "Processes that see each upstream in each state (serving, "
+                                      "resting, trial)", labels=["route", "upstream", "state"])
+            in_flight = GaugeMetricFamily("fwd_upstream_in_flight", "Requests waiting on each upstream's answer",
+                                          labels=["route", "upstream"])
+            errors = CounterMetricFamily("fwd_upstream_errors", "Attempts each upstream failed (refused, timed out, "
+                                         "5xx)", labels=["route", "upstream"])
+            latency = GaugeMetricFamily("fwd_upstream_latency_ewma_seconds", "Recent time to response headers "
+                                        "(moving average; the choice of upstream follows it)", labels=["route", "upstream"])
+            totals: dict = {}
+            for route, name, now_state, waiting, failed, recent in upstreams:
+                entry = totals.setdefault((route, name), [Tally(), 0, 0, []])
+                entry[0][now_state] += 1
+                entry[1] += waiting
+                entry[2] += failed
+                if recent is not None:
+                    entry[3].append(recent)
+            for (route, name), (states, waiting, failed, recents) in totals.items():
+                for now_state, count in states.items():
+                    state.add_metric([route, name, now_state], count)
+                in_flight.add_metric([route, name], waiting)
+                errors.add_metric([route, name], failed)
+                if recents:
+                    latency.add_metric([route, name], sum(recents) / len(recents))
+            yield state
+            yield in_flight
+            yield errors
+            yield latency
         cache = status.get("cache")
         if cache is not None:
             yield GaugeMetricFamily("fwd_cache_entries", "Answers held by the embedded response cache",

@@ -25,6 +25,7 @@ from fwd.metering import PARAMETERS
 from fwd.quota import refused
 
 log = Logger(namespace="fwd.resource")
+MODEL = ("model",)
 
 
 class ForwardResource(Resource):
@@ -65,7 +66,8 @@ class ForwardResource(Resource):
         active, admission = request.admission
         target = Target.of(request, mounted_at=len(request.prepath))
         terms = self.gateway.terms(active, admission, request.method, target.path)
-        reading = read_request(self.gateway, request, admission, target, PARAMETERS if terms.metered else ())
+        wanted = PARAMETERS if terms.metered else MODEL if active.reads_model else ()
+        reading = read_request(self.gateway, request, admission, target, wanted)
         self._when(reading, request, self._admit, request, active, admission, target, terms)
         return NOT_DONE_YET
 

@@ -39,7 +39,8 @@ class SharedKeys:
     def attach(self) -> None:
         """Follow the state changes of every pool of the live routes (again after a reload)."""
         for name, active in self.routes().items():
-            active.pool.listener = lambda state, route=name: self.changed(route, state)
+            for pool in active.pools():
+                pool.listener = lambda state, route=name: self.changed(route, state)
 
     def name(self, key: str) -> str:
         found = self._names.get(key)
@@ -72,10 +73,11 @@ class SharedKeys:
         active = self.routes().get(route)
         if active is None:
             return
-        for key in active.pool.keys:
-            if self.name(key) == name:
-                active.pool.apply(key, available_at, disabled, failures)
-                return
+        for pool in active.pools():
+            for key in pool.keys:
+                if self.name(key) == name:
+                    pool.apply(key, available_at, disabled, failures)
+                    return
 
     def catch_up(self) -> None:
         """Read every route's states from Redis: what was said while this instance was not listening."""

@@ -266,6 +266,7 @@ class Supervisor(service.MultiService):
             total["in_flight"] += status.get("in_flight", 0)
             total["streams"] += status.get("streams", 0)
             total["keys"] += [tuple(k) for k in status.get("keys", [])]
+            total.setdefault("upstreams", []).extend(tuple(u) for u in status.get("upstreams", []))
             if status.get("redis"):
                 redis.append(status["redis"])
             if status.get("cache"):

@@ -400,3 +400,53 @@ def test_a_refused_configuration_never_prints_a_key(plain, secrets):
             for key in fwd_settings.split_list(value):
                 if not any(key in other for other in plain.values()):
                     assert key not in message
+
+
+# Several upstreams per route -----------------------------------------------------------------------------------
+
+UPSTREAMS = """
+[[route]]
+forward_keys = [{ key = "fk-team-0000000000000000001", name = "team" }]
+[[route.upstream]]
+base_url = "https://api.openai.com"
+api_keys = ["sk-openai-00000000000000001"]
+weight = 3
+[[route.upstream]]
+base_url = "https://westeu.openai.azure.com"
+kind = "azure"
+api_keys = ["azure-key-000000000000000001"]
+api_version = "2024-10-21"
+deployments = { "gpt-4o" = "my-gpt4o" }
+"""
+
+
+def test_a_route_lists_upstreams_each_with_its_own_pool_and_weight(files):
+    route = files.load(toml=UPSTREAMS).routes[0]
+    first, second = route.upstreams
+    assert (first.base_url, first.kind, first.weight, first.served) == ("https://api.openai.com", "openai", 3.0, None)
+    assert (second.kind, second.deployments, second.api_version) == ("azure", {"gpt-4o": "my-gpt4o"}, "2024-10-21")
+    assert second.served == frozenset({"gpt-4o"}) and second.serves("gpt-4o") and not second.serves("gpt-4o-mini")
+    assert set(route.api_keys) == {"sk-openai-00000000000000001", "azure-key-000000000000000001"}
+    assert route.reads_model and route.base_url == "https://api.openai.com"
+
+
+def test_a_route_with_one_base_url_has_that_one_upstream(files):
+    route = files.load(cli={"base_url": "https://example.test/v", "api_key": "sk-one-000000000000000001"}).routes[0]
+    (only,) = route.upstreams
+    assert (only.base_url, only.api_keys, only.weight) == ("https://example.test/v", ("sk-one-000000000000000001",), 1.0)
+    assert not route.reads_model
+
+
+@pytest.mark.parametrize("change,message", [
+    (('kind = "azure"\n', 'kind = "azure"\nbogus = 1\n'), "unknown field 'bogus'"),
+    (('api_version = "2024-10-21"\n', ''), "deployments need an api_version"),
+    (('kind = "azure"\n', ''), 'deployments are for kind = "azure"'),
+    (("weight = 3", "weight = 0"), "weight must be a number above 0"),
+    (("https://westeu.openai.azure.com", "https://api.openai.com"), "two upstreams have the same base_url"),
+    (("[[route]]\n", '[[route]]\nbase_url = "https://x.test"\n'), "not both"),
+    (('{ "gpt-4o" = "my-gpt4o" }', '{ "gpt-4o" = "../x" }'), "deployments must be a table"),
+])
+def test_bad_upstream_tables_are_refused_in_one_line(files, change, message):
+    with pytest.raises(ConfigError) as caught:
+        files.load(toml=UPSTREAMS.replace(*change))
+    assert message in str(caught.value) and "sk-openai" not in str(caught.value)

@@ -239,6 +239,9 @@ def test_key_states_go_out_under_a_keyed_hash_and_come_back_from_other_instances
         def __init__(self, pool):
             self.pool = pool
 
+        def pools(self):
+            return [self.pool]
+
     pool = KeyPool(POOL, clock)
     routes = {"/": Active(pool)}
     secret = key_secret("", POOL)
@@ -274,10 +277,10 @@ def test_a_message_that_is_not_a_key_state_is_ignored():
     pool = KeyPool(POOL, clock)
 
     class Active:
-        pass
+        def pools(self):
+            return [pool]
 
     active = Active()
-    active.pool = pool
     keys = SharedKeys(shared_on(clock, fake), lambda: {"/": active}, b"secret")
     for message in (b"", b"not json", b"[]", b'{"r": "/"}', b'{"r": "/x", "k": "1", "a": 1, "d": true, "f": 1}'):
         keys.heard(message)

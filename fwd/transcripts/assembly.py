@@ -338,18 +338,18 @@ class Ended:
     (`used`: input_tokens, output_tokens, total_tokens, estimated; fwd.metering).  The record is built when first
     asked for, by whichever process writes it."""
 
-    __slots__ = ("transcript", "partial", "error", "latency_ms", "used", "cache", "_record")
+    __slots__ = ("transcript", "partial", "error", "latency_ms", "used", "extra", "_record")
 
     def __init__(
         self, transcript: Transcript, *, partial: bool, error: str | None, latency_ms: float, used: dict | None = None,
-        cache: str | None = None,
+        extra: dict | None = None,
     ) -> None:
         self.transcript = transcript
         self.partial = partial
         self.error = error
         self.latency_ms = latency_ms
         self.used = used
-        self.cache = cache  # "hit" when the response cache answered
+        self.extra = extra  # fields the record gains: "cache": "hit", "upstream": the base URL that answered
         self._record: dict[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
@@ -357,8 +357,8 @@ class Ended:
         if self._record is None:
             record = self.transcript.finish(partial=self.partial, error=self.error, latency_ms=self.latency_ms)
             self._record = with_usage_counted(record, self.used, self.transcript.kind)
-            if self.cache is not None:
-                self._record["cache"] = self.cache
+            if self.extra:
+                self._record.update(self.extra)
         return self._record
 
 

@@ -104,8 +104,8 @@ def ended_frame(ended: Ended) -> bytes:
     meta["error"] = ended.error
     meta["latency_ms"] = ended.latency_ms
     meta["used"] = ended.used
-    if ended.cache is not None:
-        meta["cache"] = ended.cache
+    if ended.extra:
+        meta["extra"] = ended.extra
     head = orjson.dumps(meta)
     request = transcript.request_body
     return b"".join((_FRAME.pack(_CAPTURE, len(head), len(request), len(response)), head, request, response))
@@ -122,7 +122,7 @@ def frame_line(frame: bytes) -> bytes:
     transcript = rebuild(meta, frame[at : at + request], frame[at + request : at + request + response])
     ended = Ended(
         transcript, partial=meta["partial"], error=meta["error"], latency_ms=meta["latency_ms"], used=meta.get("used"),
-        cache=meta.get("cache"),
+        extra=meta.get("extra"),
     )
     return encode_record(ended.record())
 

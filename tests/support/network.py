@@ -12,6 +12,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def reserved_port() -> int:
+    """A free port below the ephemeral range, for a server that starts later: no outgoing connection can take it
+    meanwhile as its source port (as one may take a port from `free_port`)."""
+    import random
+
+    low = 20000
+    try:
+        low = min(low, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) - 5000)
+    except (OSError, ValueError, IndexError):
+        pass
+    for port in random.sample(range(max(1024, low - 10000), low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 def make_certificate(directory: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1."""
     import datetime

@@ -34,8 +34,11 @@ class FakeUpstreamProcess:
         key_status: Mapping[str, tuple] | None = None,
         expected_keys: Iterable[str] | None = None,
         timeout: float = 10.0,
+        delay: float = 0.0,
     ) -> None:
         self.arguments = ["--port", "tcp:0:interface=127.0.0.1"]
+        if delay:
+            self.arguments += ["--delay", f"{delay:g}"]
         for key, (status, retry_after) in (key_status or {}).items():
             suffix = "" if retry_after is None else f":{retry_after:g}"
             self.arguments += ["--key-status", f"{key}={status}{suffix}"]

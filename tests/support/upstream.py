@@ -182,6 +182,9 @@ class _BadRequest(Exception):
     """The request cannot be answered; the message goes into a 400 error body."""
 
 
+_AZURE = re.compile(rb"\A/openai/deployments/([^/]+)/(.+)\Z")
+
+
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("utf-8")
 
@@ -438,8 +441,10 @@ class FakeUpstream(Resource):
         models: Iterable[str] = DEFAULT_MODELS,
         key_status: Mapping[str, tuple] | None = None,
         expected_keys: Iterable[str] | None = None,
+        delay: float = 0.0,
     ) -> None:
         super().__init__()
+        self.delay = delay
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -504,10 +509,26 @@ class FakeUpstream(Resource):
         request.setHeader(b"x-ratelimit-limit-requests", b"%d" % (RATE_LIMIT_REQUESTS,))
         remaining = max(RATE_LIMIT_REQUESTS - self._count, 0)
         request.setHeader(b"x-ratelimit-remaining-requests", b"%d" % (remaining,))
+        if self.delay:
+            self.reactor.callLater(self.delay, self._later, exchange, key)
+            return NOT_DONE_YET
+        return self._answered(exchange, key)
+
+    def _answered(self, exchange: _Exchange, key: str | None) -> Any:
         try:
             return self._answer(exchange, key)
         except _BadRequest as error:
             return exchange.error(400, str(error))
+
+    def _later(self, exchange: _Exchange, key: str | None) -> None:
+        """Answer after --delay seconds (a slow upstream)."""
+        request = exchange.request
+        if request.finished or request._disconnected:
+            return
+        answer = self._answered(exchange, key)
+        if answer is not NOT_DONE_YET:
+            request.write(answer)
+            request.finish()
 
     def _answer(self, exchange: _Exchange, key: str | None) -> Any:
         request = exchange.request
@@ -544,7 +565,14 @@ class FakeUpstream(Resource):
             request.setHeader(b"content-length", b"%d" % (size,))
             return exchange.write_stream(_octets(size))
 
-        route = self._routes.get((request.method, request.path))
+        path = request.path
+        azure = _AZURE.match(path)
+        if azure is not None:
+            # Azure OpenAI's shape: /openai/deployments/{deployment}/{operation}?api-version=…, the key in api-key.
+            if not request.args.get(b"api-version") or request.getHeader(b"api-key") is None:
+                return exchange.error(404, "Resource not found")
+            path = b"/v1/" + azure.group(2)
+        route = self._routes.get((request.method, path))
         if route is not None:
             return route(exchange)
         if request.method == b"GET" and request.path.startswith(b"/v1/models/"):
@@ -839,7 +867,7 @@ async def _serve(reactor: Any, arguments: argparse.Namespace) -> None:
     from twisted.web.server import Site
 
     upstream = FakeUpstream(
-        reactor, key_status=dict(arguments.key_status), expected_keys=arguments.expected_keys
+        reactor, key_status=dict(arguments.key_status), expected_keys=arguments.expected_keys, delay=arguments.delay
     )
     site = Site(upstream)
     site.noisy = False
@@ -863,6 +891,7 @@ def main(argv: list[str] | None = None) -> None:
         help="refuse KEY with STATUS",
     )
     parser.add_argument("--expected-key", action="append", dest="expected_keys", metavar="KEY", help="accept only these keys")
+    parser.add_argument("--delay", type=float, default=0.0, metavar="SECONDS", help="answer every request this much later")
     react(_serve, (parser.parse_args(argv),))
 
 
