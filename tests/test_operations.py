@@ -185,6 +185,25 @@ def test_metrics_count_requests_by_route_method_and_status():
     assert sum(v for (name, _), v in samples(out).items() if name == "fwd_requests_total") == 4, "other logs ignored"
 
 
+def test_upstream_states_and_cache_results_are_metrics_added_up_across_workers():
+    status = {"in_flight": 0, "streams": 0, "keys": [], "transcript_write_errors": 0,
+              "upstreams": [("/", "http://a.test", "serving", 2, 0, 0.02), ("/", "http://b.test", "resting", 0, 3, None),
+                            ("/", "http://a.test", "serving", 1, 1, 0.04)],
+              "cache": {"entries": 4, "bytes": 4096}}
+    metrics = Metrics(lambda: status)
+    metrics(access_event(route="/", upstream=True, cache="HIT", cache_stored=0))
+    metrics(access_event(route="/", upstream=True, cache="MISS", cache_stored=900))
+    out = metrics.exposition()
+    assert sample(out, "fwd_upstream_state", route="/", upstream="http://a.test", state="serving") == 2
+    assert sample(out, "fwd_upstream_state", route="/", upstream="http://b.test", state="resting") == 1
+    assert sample(out, "fwd_upstream_in_flight", route="/", upstream="http://a.test") == 3
+    assert sample(out, "fwd_upstream_errors_total", route="/", upstream="http://b.test") == 3
+    assert sample(out, "fwd_upstream_latency_ewma_seconds", route="/", upstream="http://a.test") == pytest.approx(0.03)
+    assert sample(out, "fwd_cache_requests_total", route="/", result="HIT") == 1
+    assert sample(out, "fwd_cache_stored_bytes_total", route="/") == 900
+    assert sample(out, "fwd_cache_entries") == 4 and sample(out, "fwd_cache_bytes") == 4096
+
+
 def test_upstream_latency_and_ttfb_are_histograms_of_forwarded_requests_only():
     metrics = Metrics()
     metrics(access_event(route="/openai", upstream=True, duration_ms=1500.0, ttfb_ms=200.0))
