@@ -60,7 +60,7 @@ SETTINGS = (
     Setting("log-dir", ("LOG_DIR",), "./Log", help="directory of the transcripts"),
     Setting("hop-header-prefix", ("HOP_HEADER_PREFIX", "OXY_HOP_HEADER_PREFIX"), "",
             help="drop request headers whose names start with this prefix, e.g. X-SCF"),
-    Setting("workers", ("WORKERS",), "1", help="processes serving the same port(s)"),
+    Setting("workers", ("WORKERS",), "1", help="processes serving the same port(s); auto: one per available core"),
     Setting("metrics-port", ("METRICS_PORT",), "", help="endpoint of a Prometheus /metrics listener, e.g. tcp:9100"),
     Setting("grace-period", ("GRACE_PERIOD",), "30",
             help="seconds running requests may take to finish after SIGTERM"),
@@ -345,6 +345,18 @@ def parse_int(raw: Raw, minimum: int) -> int:
     if number < minimum:
         raise ConfigError(f"{raw.source}={raw.value!r} must be at least {minimum}")
     return number
+
+
+def parse_workers(raw: Raw, cores=None) -> int:
+    """WORKERS: a whole number, or "auto": one per core this process may run on (os.sched_getaffinity)."""
+    if str(raw.value).strip().lower() == "auto":
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores)
+    try:
+        return parse_int(raw, 1)
+    except ConfigError:
+        raise ConfigError(f"{raw.source}={raw.value!r} is not a whole number of workers, nor auto") from None
 
 
 def parse_networks(raw: Raw) -> tuple:

@@ -450,3 +450,16 @@ def test_bad_upstream_tables_are_refused_in_one_line(files, change, message):
     with pytest.raises(ConfigError) as caught:
         files.load(toml=UPSTREAMS.replace(*change))
     assert message in str(caught.value) and "sk-openai" not in str(caught.value)
+
+
+def test_workers_auto_is_one_per_core_this_process_may_use():
+    import os
+
+    from fwd.settings import Raw, parse_workers
+
+    assert parse_workers(Raw("auto", "WORKERS")) == len(os.sched_getaffinity(0))
+    assert parse_workers(Raw("AUTO", "WORKERS"), cores=6) == 6
+    assert parse_workers(Raw("3", "WORKERS")) == 3
+    for bad in ("0", "many", ""):
+        with pytest.raises(ConfigError):
+            parse_workers(Raw(bad, "WORKERS"))

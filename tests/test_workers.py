@@ -81,3 +81,15 @@ def test_each_worker_reloads_on_sighup_sent_to_the_supervisor(upstream, tmp_path
         (tmp_path / ".env").write_text("FORWARD_KEY=fk-after0002\nOPENAI_API_KEY=sk-pool-0001\n")
         proxy.process.send_signal(signal.SIGHUP)
         assert wait_until(lambda: status("fk-after0002") == {200} and status("fk-before01") == {401})
+
+
+def test_workers_auto_starts_one_worker_per_available_core(upstream):
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    with DaemonProcess(["--workers", "auto"], env={"OPENAI_BASE_URL": upstream.url}) as proxy:
+        if cores == 1:
+            assert serving_pids(proxy.url) == {proxy.process.pid}
+            return
+        pids = wait_until(lambda: len(serving_pids(proxy.url)) == cores and serving_pids(proxy.url))
+        assert pids and len(pids) == cores and proxy.process.pid not in pids
