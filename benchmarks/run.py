@@ -235,7 +235,7 @@ def wait_ready(proc, port, timeout):
 
 # --------------------------------------------------------------------------- proxies
 
-def fwd_command(args, port, up_port, extra_env=(), extra_args=()):
+def fwd_command(args, port, up_port, extra_env=(), extra_args=(), twistd_args=()):
     if args.fwd_cmd:
         cmd = shlex.split(args.fwd_cmd.format(port=port, upstream=up_port, python=sys.executable))
     else:
@@ -244,8 +244,8 @@ def fwd_command(args, port, up_port, extra_env=(), extra_args=()):
             twistd = shutil.which("twistd")
             if not twistd:
                 return None, "no twistd next to %s nor on PATH" % sys.executable
-        cmd = [str(twistd), "-n", "--pidfile=", "openai-forward", "--port", "tcp:%d:interface=%s" % (port, HOST),
-               *extra_args]
+        cmd = [str(twistd), "-n", "--pidfile=", *twistd_args, "openai-forward", "--port",
+               "tcp:%d:interface=%s" % (port, HOST), *extra_args]
     env = base_env()
     env["OPENAI_BASE_URL"] = "http://%s:%d" % (HOST, up_port)
     for kv in [*args.fwd_env, *extra_env]:
@@ -691,6 +691,28 @@ def slow_reader(port, pids_fn, seconds, size):
             "received_mb": got / 1048576.0, "seconds": round(elapsed, 2)}
 
 
+def profile_summary(path, served, top=12):
+    """The largest own-time costs of a cProfile stats file, per request served."""
+    import pstats
+
+    for _ in range(50):
+        if os.path.exists(path):
+            break
+        time.sleep(0.1)
+    try:
+        stats = pstats.Stats(path)
+    except (OSError, TypeError, EOFError) as e:
+        return {"error": "no profile written: %s" % e, "served": served, "top": []}
+    served = max(served, 1)
+    rows = []
+    for (filename, line, function), (_, calls, own, total, _) in stats.stats.items():
+        where = "%s:%d(%s)" % (os.path.basename(filename), line, function) if line else function
+        rows.append({"function": where, "calls": calls / served, "own_us": own / served * 1e6,
+                     "total_us": total / served * 1e6})
+    rows.sort(key=lambda row: row["own_us"], reverse=True)
+    return {"served": served, "top": rows[:top]}
+
+
 def per_request(result, cpu, count_key):
     """Add the proxy's CPU time per request (or completed stream) of a wrk run, in microseconds."""
     count = result.get(count_key)
@@ -791,6 +813,9 @@ def main(argv=None):
     ap.add_argument("--latency-n", type=int, default=300)
     ap.add_argument("--start-timeout", type=float, default=30.0)
     ap.add_argument("--keep-tmp", action="store_true")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="run the fwd column under cProfile (twistd --profiler=cprofile), write the stats to FILE and "
+                         "print its largest costs per request served; implies --skip mem,slow")
     args = ap.parse_args(argv)
 
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -800,6 +825,8 @@ def main(argv=None):
     if bad:
         ap.error("unknown proxy %s (choose from %s)" % (bad, ", ".join(PROXIES)))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.profile:
+        skip |= {"mem", "slow"}  # they restart the process, which would write over the profile
     if not shutil.which("wrk"):
         ap.error("wrk is required (apt-get install wrk)")
 
@@ -874,7 +901,8 @@ def main(argv=None):
             """Start (or restart) one proxy on a fresh port; returns an error string or None."""
             port = free_port()
             if name == "fwd":
-                spec, err = fwd_command(args, port, up_port)
+                profiling = ["--profile=" + os.path.abspath(args.profile), "--profiler=cprofile", "--savestats"]
+                spec, err = fwd_command(args, port, up_port, twistd_args=profiling if args.profile else ())
             elif name == "fwd+chat":
                 spec, err = fwd_command(args, port, up_port, ["LOG_CHAT=true", "LOG_DIR=Log"])
             elif name == "fwd+cache-hit":
@@ -1011,6 +1039,12 @@ def main(argv=None):
                         _r(r.get("streams", {}).get("completed_per_s")), r.get("streams", {}).get("errors"),
                         _r(r.get("latency", {}).get("added_p50_ms"), 3), _r(r.get("ttfc", {}).get("added_ttfc_p50_ms"), 3)))
 
+        if args.profile and "fwd" in live:
+            served = sum((r.get("plain", {}).get("requests") or 0) + (r.get("streams", {}).get("completed") or 0)
+                         + (args.latency_n if r.get("latency") else 0) for r in results["proxies"]["fwd"]["rounds"])
+            stop_proxy("fwd")  # twistd writes the profile as it stops
+            results["profile"] = profile_summary(args.profile, served)
+
         # Memory. Per proxy: idle RSS after the load rounds; the slow reader on that warm process; then a
         # fresh process for the held streams (a proxy that buffered 200 MB, or that keeps serving abandoned
         # requests, would otherwise skew the next figure); then that process is stopped.
@@ -1088,6 +1122,12 @@ def main(argv=None):
         table = render(results, names, notes)
         results["elapsed_s"] = round(time.monotonic() - t_start, 1)
         print(table)
+        if results.get("profile"):
+            print("\nfwd under cProfile (%s requests and streams served; the profiler's own cost inflates every "
+                  "figure, compare rows, not absolutes):" % results["profile"]["served"])
+            print("  %10s %12s %12s  %s" % ("calls/req", "own µs/req", "total µs/req", "function"))
+            for row in results["profile"]["top"]:
+                print("  %10.2f %12.1f %12.1f  %s" % (row["calls"], row["own_us"], row["total_us"], row["function"]))
         print("\n(total %.0f s)" % results["elapsed_s"])
         if args.json:
             with open(args.json, "w") as f:
