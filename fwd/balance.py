@@ -71,8 +71,12 @@ class UpstreamHealth:
         recovered = self.failures > 0
         self.failures = 0
         self.trial_out = False
-        if self.latency is None or recovered:
-            self.latency = latency  # what it was like before it failed says nothing now
+        if recovered:
+            # Neither what it was like before it failed nor its first answer after (a new connection, a cold
+            # start) says how it serves now: it starts afresh, measured from its next answers.
+            self.latency = None
+        elif self.latency is None:
+            self.latency = latency
         else:
             self.latency = self.recent(now) + ALPHA * (latency - self.recent(now))
         self.measured_at = now

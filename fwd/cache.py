@@ -35,6 +35,7 @@ MAX_KEYED_BODY = 1024 * 1024
 # Answers to these are the same every time the same request is sent, and sending it changes nothing upstream.
 _POST = re.compile(rb"/(?:chat/completions|completions|embeddings|responses)/?\Z")
 _GET = re.compile(rb"/models(?:/[^/]+)?/?\Z")
+_RESPONSES = re.compile(rb"/responses/?\Z")
 # Body members that make a request depend on, or write to, state kept upstream: never answered from the cache.
 STATEFUL = ("background", "previous_response_id", "conversation")
 
@@ -74,36 +75,56 @@ def asked_mode(header: list[bytes] | None, body_flag: object) -> str | None:
     return None
 
 
-def stateful(document: dict) -> bool:
-    """Whether a request body depends on or writes to state kept upstream (stored chat completions, background or
-    conversation-bound Responses requests)."""
-    if document.get("store") is True:
+def stateful(document: dict, path: bytes = b"") -> bool:
+    """Whether a request body depends on or writes to state kept upstream: a stored chat completion, a Responses
+    request that is stored (the Responses API stores unless told `"store": false`), in the background, or bound
+    to a conversation."""
+    stored = document.get("store", True if _RESPONSES.search(path) else None)
+    if stored is not None and stored is not False:
         return True
     return any(document.get(name) not in (None, False) for name in STATEFUL)
+
+
+class Uncanonical(ValueError):
+    """A body the cache cannot write back in canonical form (nesting deeper than orjson writes)."""
 
 
 def canonical(document: dict) -> bytes:
     """The request body as the key sees it: sorted keys at every level, without the caching flag."""
     if BODY_FLAG in document:
         document = {k: v for k, v in document.items() if k != BODY_FLAG}
-    return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    try:
+        return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONEncodeError, TypeError) as e:
+        raise Uncanonical(str(e)) from None
 
 
 def without_flag(document: dict) -> bytes:
     """The body to forward when the client sent the caching flag: the same document without it."""
-    return orjson.dumps({k: v for k, v in document.items() if k != BODY_FLAG})
+    try:
+        return orjson.dumps({k: v for k, v in document.items() if k != BODY_FLAG})
+    except (orjson.JSONEncodeError, TypeError) as e:
+        raise Uncanonical(str(e)) from None
 
 
-def caller_scope(shared: bool, forward_key_name: str | None, client_key: str | None, secret: bytes) -> str:
-    """Whose entries a request may see: everyone's on a shared route; else its forward key's, or a keyed hash of
-    the client's own upstream key (never the key), or the anonymous callers'."""
+def caller_scope(shared: bool, forward_key: tuple[str, str] | None, client_key: str | None, secret: bytes) -> str:
+    """Whose entries a request may see: everyone's on a shared route; else its forward key's (name and key,
+    `forward_key`: the name given to another key later sees nothing of the old one's), or those of the client's
+    own upstream key, or the anonymous callers'.  Keys appear only as keyed hashes."""
     if shared:
         return "shared"
-    if forward_key_name is not None:
-        return "fk:" + forward_key_name
+    if forward_key is not None:
+        name, key = forward_key
+        return "fk:" + name + ":" + hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:32]
     if client_key is not None:
         return "own:" + hmac.new(secret, client_key.encode(), hashlib.sha256).hexdigest()[:32]
     return "anonymous"
+
+
+def route_identity(name: str, upstreams) -> str:
+    """A route as the key sees it: its prefix and where it sends requests (a reload that points it elsewhere
+    starts afresh)."""
+    return name + "\0" + "\0".join(f"{u.kind}:{u.base_url}" for u in upstreams)
 
 
 def cache_key(route: str, scope: str, method: bytes, path: bytes, query: bytes | None, body: bytes) -> str:
@@ -162,6 +183,13 @@ def stored_headers(headers) -> tuple[tuple[bytes, bytes], ...]:
             continue
         kept.extend((name, value) for value in values)
     return tuple(kept)
+
+
+def complete_stream(body: bytes) -> bool:
+    """Whether a stream the client received ended as the API ends one: `data: [DONE]` (chat, completions), or a
+    Responses stream's `response.completed` event.  One cut short is never stored."""
+    tail = body[-65536:]
+    return tail.rstrip().endswith(b"data: [DONE]") or b"event: response.completed" in tail
 
 
 def storable(status: int, cache_control: list[bytes] | None) -> bool:

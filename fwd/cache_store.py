@@ -96,6 +96,9 @@ class CacheFile(service.Service):
         self.write_errors = 0
 
     def _connect(self) -> sqlite3.Connection:
+        # Every tenant's answers are in it: readable by the daemon's user alone (SQLite's -wal and -shm files
+        # take the database file's mode).
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, expires REAL NOT NULL, "

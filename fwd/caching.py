@@ -8,6 +8,8 @@ from __future__ import annotations
 import attrs
 import orjson
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
 from fwd import cache, errors
 from fwd.cache import Entry
@@ -60,6 +62,7 @@ class ResponseCache:
         self.clock = clock
         self.secret = secret
         self.flights: dict[str, list[defer.Deferred]] = {}
+        self.capturing = 0  # bytes held by the answers being captured now, at most the store's size
         self.counts = Counts()
         self.file = None  # a fwd.cache_store.CacheFile, when entries persist
 
@@ -69,9 +72,10 @@ class ResponseCache:
 
     # What a request asks
 
-    def plan(self, request, route, admission, target, facts) -> CachePlan | errors.ProxyError | None:
-        """The cache's plan for a request, an error for a bad x-fwd-cache header, or None when the cache has
-        nothing to do with it (its route does not cache and it did not ask)."""
+    def plan(self, request, active, admission, target, facts) -> CachePlan | errors.ProxyError | None:
+        """The cache's plan for a request on a route (fwd.gateway.ActiveRoute), an error for a bad x-fwd-cache
+        header, or None when the cache has nothing to do with it (its route does not cache and it did not ask)."""
+        route = active.route
         header = request.requestHeaders.getRawHeaders(b"x-fwd-cache")
         concerned = route.cache or header is not None
         passing = CachePlan(cache.SKIP) if concerned else None
@@ -99,22 +103,30 @@ class ResponseCache:
             return errors.bad_cache_header(str(e))
         if not cache.cacheable_endpoint(method, target.path):
             return passing
-        stripped = cache.without_flag(document) if document is not None and cache.BODY_FLAG in document else None
+        try:
+            stripped = cache.without_flag(document) if document is not None and cache.BODY_FLAG in document else None
+            canonical = cache.canonical(document) if document is not None else b""
+        except cache.Uncanonical:
+            return passing  # nested deeper than the cache writes: forwarded as it came
         if mode is None:
             if not route.cache:
                 return None if stripped is None else CachePlan(cache.SKIP, body=stripped)
             mode = cache.USE
-        if mode == cache.SKIP or document is not None and cache.stateful(document):
+        if mode == cache.SKIP or document is not None and cache.stateful(document, target.path):
             return CachePlan(cache.SKIP, body=stripped)
         decision = admission.decision
+        shared = route.cache_scope == "shared"
+        if shared and decision.client_key is not None:
+            # A hit never reaches the upstream, so a shared entry would answer a key nobody checked.
+            return CachePlan(cache.SKIP, body=stripped)
+        forward_key = decision.forward_key
         scope = cache.caller_scope(
-            route.cache_scope == "shared",
-            decision.forward_key.name if decision.forward_key is not None else None,
+            shared,
+            (forward_key.name, forward_key.key) if forward_key is not None else None,
             decision.client_key,
             self.secret,
         )
-        canonical = cache.canonical(document) if document is not None else b""
-        key = cache.cache_key(route.name, scope, method, target.path, target.query, canonical)
+        key = cache.cache_key(active.cache_identity, scope, method, target.path, target.query, canonical)
         stream = document is not None and document.get("stream") is True
         model = document.get("model") if document is not None else None
         return CachePlan(mode, key, route.cache_ttl or self.default_ttl, stream, stripped,
@@ -173,9 +185,10 @@ class ResponseCache:
                 flight.callback(None)
         return stored
 
-    def largest(self) -> int:
-        """The largest answer worth capturing."""
-        return self.memory.max_bytes // 4
+    def capture(self) -> Capture:
+        """A capture for one answer on its way: at most a quarter of the store, and all captures together at most
+        the store's size (past that, an answer is relayed but not kept)."""
+        return Capture(self, self.memory.max_bytes // 4)
 
     def status(self) -> dict:
         counts = self.counts
@@ -187,28 +200,37 @@ class ResponseCache:
 
 
 class Capture:
-    """Keeps the bytes of an answer as the client receives them, up to `limit`; past it, nothing is kept."""
+    """Keeps the bytes of an answer as the client receives them, up to `limit`, within the cache's budget for
+    all captures; past either, nothing is kept.  `release` gives its bytes back to the budget."""
 
-    __slots__ = ("parts", "size", "limit")
+    __slots__ = ("cache", "parts", "size", "limit", "whole")
 
-    def __init__(self, limit: int):
+    def __init__(self, owner: ResponseCache, limit: int):
+        self.cache = owner
         self.parts: list[bytes] = []
         self.size = 0
         self.limit = limit
+        self.whole = True
 
     def feed(self, data: bytes) -> None:
+        if not self.whole:
+            return
+        owner = self.cache
+        if self.size + len(data) > self.limit or owner.capturing + len(data) > owner.memory.max_bytes:
+            self.release()
+            self.whole = False
+            return
+        self.parts.append(data)
         self.size += len(data)
-        if self.size <= self.limit:
-            self.parts.append(data)
-        else:
-            self.parts = []
-
-    @property
-    def whole(self) -> bool:
-        return self.size <= self.limit
+        owner.capturing += len(data)
 
     def body(self) -> bytes:
         return b"".join(self.parts)
+
+    def release(self) -> None:
+        self.cache.capturing -= self.size
+        self.size = 0
+        self.parts = []
 
 
 def json_size(request) -> int:
@@ -218,3 +240,58 @@ def json_size(request) -> int:
     size = body_size(request.content)
     kind = body_kind(headers.getRawHeaders(b"content-type"), headers.getRawHeaders(b"content-encoding"), size)
     return size if kind == "json" else 0
+
+
+@implementer(IPushProducer)
+class EntrySender:
+    """Writes a cached answer to the client a slice at a time while its connection takes them, pausing when the
+    connection's buffer is full (the client's backpressure); a client that reads nothing for `idle_timeout`
+    seconds is disconnected.  `done` fires with the bytes sent."""
+
+    SLICE = 64 * 1024
+
+    def __init__(self, body: bytes, request, clock, idle_timeout: float):
+        self.view = memoryview(body)
+        self.request = request
+        self.at = 0
+        self.paused = False
+        self.done = defer.Deferred()
+        self.idle_timeout = idle_timeout
+        self.idle = clock.callLater(idle_timeout, self._stalled)
+        request.registerProducer(self, True)
+        self._send()
+
+    def _send(self) -> None:
+        while not self.paused and not self.done.called:
+            piece = self.view[self.at : self.at + self.SLICE]
+            self.at += len(piece)
+            self.idle.reset(self.idle_timeout)
+            if self.at >= len(self.view):
+                self.request.write(bytes(piece))
+                self._finish()
+                return
+            self.request.write(bytes(piece))  # may pause us: the connection's buffer is full
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._send()
+
+    def stopProducing(self) -> None:
+        if not self.done.called:
+            self._finish()
+
+    def _stalled(self) -> None:
+        from fwd.relay import abort
+
+        abort(self.request)
+        self.stopProducing()
+
+    def _finish(self) -> None:
+        if self.idle.active():
+            self.idle.cancel()
+        if not getattr(self.request, "gone", False):
+            self.request.unregisterProducer()
+        self.done.callback(self.at)

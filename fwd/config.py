@@ -25,7 +25,6 @@ from fwd.settings import (
     parse_choice,
     parse_ciphers,
     parse_config_text,
-    parse_int,
     parse_networks,
     parse_port,
     parse_ports,

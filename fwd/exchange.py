@@ -23,7 +23,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from fwd import access, cache, errors, keys
 from fwd.answers import send_error
 from fwd.body import BytesProducer, RequestBody, body_producer
-from fwd.caching import Capture
+from fwd.caching import Capture, EntrySender
 from fwd.failover import UpstreamAttempts
 from fwd.headers import (
     clean_phrase,
@@ -42,6 +42,8 @@ from fwd.transcripts.events import emit
 log = Logger(namespace="fwd.exchange")
 
 REFUSAL_LIMIT = 64 * 1024
+# A cache hit this large or smaller is written at once; a larger one as the client reads it.
+REPLAY_AT_ONCE = 256 * 1024
 # Transcript uids: random per process, then counted; unique across workers and restarts, and cheap.
 UID_PREFIX = os.urandom(6).hex()
 uid_counter = itertools.count()
@@ -100,6 +102,8 @@ class Exchange:
         self.capture: Capture | None = None
         self.stored_head: tuple = ()
         self.hit = False
+        self.data_loss = False  # the upstream closed a body of unknown length: it may be cut short
+        self.replaying: EntrySender | None = None
         self.upstream_body: bytes | None = cached.body if cached is not None else None
         self.metering: Metering | None = None
         if terms is not None and terms.metered:
@@ -210,9 +214,23 @@ class Exchange:
             self.transcript.response_started(200, content_type[0].decode("latin-1") if content_type else None, 0.0,
                                              entry.stream)
             self.transcript.feed(entry.body)
-        request.write(entry.body)
-        self.sent = len(entry.body)
-        request.finish()
+        if len(entry.body) <= REPLAY_AT_ONCE:
+            request.write(entry.body)
+            self.sent = len(entry.body)
+            request.finish()
+            self._end(partial=False, error=None)
+            return
+        # A large entry goes as the client reads it: a client that stops reading holds no copy of it.
+        self.replaying = EntrySender(entry.body, request, self.clock, self.config.idle_timeout)
+        self.replaying.done.addCallback(self._replayed)
+
+    def _replayed(self, sent: int) -> None:
+        self.sent = sent
+        self.replaying = None
+        if self.client_gone:
+            self._end(partial=True, error="client disconnected")
+            return
+        self.request.finish()
         self._end(partial=False, error=None)
 
     def _attempt(self) -> None:
@@ -325,7 +343,7 @@ class Exchange:
         if cached is not None:
             if self.leading and cache.storable(status, response.headers.getRawHeaders(b"cache-control")):
                 self.stored_head = cache.stored_headers(out.getAllRawHeaders())
-                self.capture = Capture(self.gateway.cache.largest())
+                self.capture = self.gateway.cache.capture()
             out.setRawHeaders(b"x-fwd-cache", [cached.label])
         if ticket is not None:
             self._limit_headers()
@@ -388,8 +406,9 @@ class Exchange:
         self.client_gone = True
         self.request.gone = True
         if self.waiting is not None:
-            waiting, self.waiting = self.waiting, None
-            waiting.cancel()
+            # Not cancelled: a Redis lookup goes on to its answer (a cancelled call would count against Redis), a
+            # wait for another request's answer is simply not followed.
+            self.waiting = None
             self._end(partial=True, error="client disconnected")
         elif self.pending is not None:
             self.attempts.left()
@@ -398,6 +417,8 @@ class Exchange:
             self._end(partial=True, error="client disconnected")
         elif self.relay is not None:
             self.relay.stop()
+        elif self.replaying is not None:
+            self.replaying.stopProducing()
 
     def client_stalled(self) -> None:
         """The client stopped reading its answer: disconnect it, which ends the exchange as a client that left."""
@@ -412,6 +433,7 @@ class Exchange:
             self.relay.flush()
         if not self.client_gone:
             request.unregisterProducer()
+        self.data_loss = reason.check(PotentialDataLoss) is not None
         if reason.check(ResponseDone, PotentialDataLoss):
             if not self.client_gone and not request.finished:
                 request.finish()
@@ -493,8 +515,12 @@ class Exchange:
         """Give the cache this answer to keep (a whole 200 it may store), or tell it none came; the bytes kept."""
         capture = self.capture
         entry = None
-        if capture is not None and not broken and capture.whole and self.status == 200:
-            entry = cache.Entry(self.stored_head, capture.body(), self.stream, now)
+        if capture is not None:
+            if not broken and not self.data_loss and capture.whole and self.status == 200:
+                body = capture.body()
+                if not self.stream or cache.complete_stream(body):
+                    entry = cache.Entry(self.stored_head, body, self.stream, now)
+            capture.release()
         return self.gateway.cache.landed(self.cached, entry)
 
 

@@ -15,6 +15,7 @@ from twisted.internet import defer
 from fwd import access, errors
 from fwd.answers import AccessLog
 from fwd.balance import SERVING, UpstreamHealth
+from fwd.cache import route_identity
 from fwd.caching import ResponseCache
 from fwd.config import NO_LIMITS, Config, Route, Upstream
 from fwd.intake import cooperator_for
@@ -77,12 +78,15 @@ class ActiveRoute:
     upstreams: list[ActiveUpstream]
     table: access.ForwardKeyTable
     reads_model: bool = False  # the model a request names decides where it goes (Route.reads_model)
+    cache_identity: str = ""  # the route as cache keys name it (fwd.cache.route_identity)
     rng: random.Random = attrs.field(factory=random.Random, repr=False)
 
     @classmethod
     def build(cls, route: Route, clock) -> ActiveRoute:
-        return cls(route, [ActiveUpstream.build(u, clock) for u in route.upstreams],
-                   access.ForwardKeyTable(route.forward_keys), route.reads_model)
+        upstreams = route.upstreams
+        return cls(route, [ActiveUpstream.build(u, clock) for u in upstreams],
+                   access.ForwardKeyTable(route.forward_keys), route.reads_model,
+                   route_identity(route.name, upstreams))
 
     @property
     def pool(self) -> KeyPool:

@@ -169,7 +169,7 @@ class Metrics:
             self.cache.labels(route, result).inc()
             if event.get("cache_stored"):
                 self.cache_stored.labels(route).inc(event["cache_stored"])
-        if event.get("upstream"):
+        if event.get("upstream") and result != "HIT":
             self.latency.labels(route).observe(event.get("duration_ms", 0.0) / 1000)
             ttfb = event.get("ttfb_ms")
             if ttfb is not None:

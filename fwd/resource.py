@@ -85,9 +85,18 @@ class ForwardResource(Resource):
             return then(value, *args)
 
         waiting.addCallback(go)
-        waiting.addErrback(lambda reason: reason.trap(defer.CancelledError))
+        waiting.addErrback(ForwardResource._broken, request)
         if not went_on:  # it is still on its way (a fired Deferred may be waiting on another)
             request.notifyFinish().addErrback(lambda _: waiting.cancel())
+
+    @staticmethod
+    def _broken(reason, request) -> None:
+        """What went wrong on the way to forwarding (a bug): answer 500 rather than leave the client waiting."""
+        if reason.check(defer.CancelledError):
+            return
+        log.error("request failed before forwarding: {problem}", problem=reason.type.__name__)
+        if not request.finished and not getattr(request, "gone", False) and not hasattr(request, "exchange"):
+            send_error(request, errors.internal())
 
     def _admit(self, facts: Facts, request, active, admission, target, terms) -> None:
         """Admit the request on its limits (fwd.quota) once what its body says is known, or answer the refusal
@@ -97,7 +106,7 @@ class ForwardResource(Resource):
             return
         if getattr(request, "gone", False):
             return
-        cached = self.gateway.cache.plan(request, active.route, admission, target, facts)
+        cached = self.gateway.cache.plan(request, active, admission, target, facts)
         if isinstance(cached, errors.ProxyError):
             send_error(request, cached)
             return

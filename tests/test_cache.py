@@ -46,14 +46,25 @@ def test_length_prefixes_keep_shifted_parts_apart(a, b, c, d):
         assert cache.cache_key(a, b, b"GET", b"/", None, b"") != cache.cache_key(c, d, b"GET", b"/", None, b"")
 
 
-def test_the_scope_of_a_callers_own_key_is_a_keyed_hash_not_the_key():
+def test_the_scope_of_a_callers_key_is_a_keyed_hash_not_the_key():
     secret = b"s" * 32
     scope = cache.caller_scope(False, None, "sk-own-key-1234", secret)
     assert "sk-own" not in scope and scope.startswith("own:")
     assert scope != cache.caller_scope(False, None, "sk-own-key-1235", secret)
     assert scope != cache.caller_scope(False, None, "sk-own-key-1234", b"t" * 32)
-    assert cache.caller_scope(True, "alice", None, secret) == cache.caller_scope(True, None, "sk-x", secret) == "shared"
-    assert cache.caller_scope(False, "alice", None, secret) == "fk:alice"
+    alice = cache.caller_scope(False, ("alice", "fk-alice-1"), None, secret)
+    assert cache.caller_scope(True, ("alice", "fk-alice-1"), None, secret) == "shared"
+    assert alice.startswith("fk:alice:") and "fk-alice-1" not in alice
+    assert alice != cache.caller_scope(False, ("alice", "fk-alice-2"), None, secret), "the name given to a new key"
+
+
+def test_a_route_pointed_at_another_upstream_starts_afresh():
+    from fwd.config import Upstream
+
+    before = cache.route_identity("/", [Upstream("https://api.openai.com")])
+    assert before != cache.route_identity("/", [Upstream("https://other.example")])
+    assert before != cache.route_identity("/", [Upstream("https://api.openai.com", kind="general")])
+    assert before == cache.route_identity("/", [Upstream("https://api.openai.com", api_keys=("sk-new",))])
 
 
 @pytest.mark.parametrize("method,path,cacheable", [
@@ -66,6 +77,29 @@ def test_the_scope_of_a_callers_own_key_is_a_keyed_hash_not_the_key():
 ])
 def test_only_answers_without_side_effects_are_cacheable(method, path, cacheable):
     assert cache.cacheable_endpoint(method, path) is cacheable
+
+
+def test_a_stream_is_whole_only_when_it_ended_as_the_api_ends_one():
+    assert cache.complete_stream(b'data: {"x": 1}\n\ndata: [DONE]\n\n')
+    assert cache.complete_stream(b"event: response.completed\ndata: {}\n\n")
+    assert not cache.complete_stream(b'data: {"choices": []}\n\n')
+    assert not cache.complete_stream(b'data: {"content": "response.completed"}\n\n')
+
+
+def test_nesting_deeper_than_orjson_writes_is_uncanonical_not_a_crash():
+    deep: list = []
+    for _ in range(300):
+        deep = [deep]
+    with pytest.raises(cache.Uncanonical):
+        cache.canonical({"x": deep})
+    with pytest.raises(cache.Uncanonical):
+        cache.without_flag({"caching": True, "x": deep})
+
+
+def test_responses_requests_are_stored_upstream_unless_they_say_otherwise():
+    assert cache.stateful({"model": "m"}, b"/v1/responses")
+    assert not cache.stateful({"model": "m", "store": False}, b"/v1/responses")
+    assert not cache.stateful({"model": "m"}, b"/v1/chat/completions")
 
 
 def test_requests_bound_to_state_kept_upstream_are_not_cached():

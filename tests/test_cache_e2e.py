@@ -7,8 +7,10 @@ import base64
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 
 import httpx2
@@ -227,12 +229,8 @@ def test_with_redis_two_instances_share_entries(tmp_path, upstream, redis_server
     with DaemonProcess(arguments, cwd=str(tmp_path)) as a, DaemonProcess(arguments, cwd=str(tmp_path)) as b:
         headers, first = chat(a, temperature=0.9)
         assert headers["x-fwd-cache"] == "MISS"
-        deadline = time.monotonic() + 2
-        while True:  # the entry is written to Redis as the answer ends
-            headers, again = chat(b, temperature=0.9)
-            if headers["x-fwd-cache"] == "HIT" or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        time.sleep(0.3)  # the entry is written to Redis as the answer ends, not waited for
+        headers, again = chat(b, temperature=0.9)
         assert headers["x-fwd-cache"] == "HIT" and again == first, "b answers from the entry a stored"
         assert chat(b, key=BOB, temperature=0.9)[0]["x-fwd-cache"] == "MISS"
         stream = [c.model_dump() for c in client(a).chat.completions.create(
@@ -260,3 +258,64 @@ def test_the_single_route_caches_with_the_cache_flag_embeddings_and_model_listin
         upload = sdk.files.with_raw_response.create(file=("a.jsonl", b"{}\n"), purpose="batch")
         assert upload.headers["x-fwd-cache"] == "SKIP", "uploads are never cached"
     assert len(upstream_chats(upstream)) == 1
+
+
+def test_a_stream_the_upstream_cut_short_is_never_stored(tmp_path):
+    """A close-delimited stream broken before [DONE], and a chunked one that ends without it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    calls = []
+
+    def serve():
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += connection.recv(65536)
+            calls.append(data)
+            event = b'data: {"choices":[{"index":0,"delta":{"content":"Hal"}}]}\n\n'
+            if len(calls) % 2:
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                                   + event)
+            else:
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked"
+                                   b"\r\nConnection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+            connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": MESSAGES}).encode()
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:%d" % server.getsockname()[1], "OPENAI_API_KEY": POOL,
+           "FORWARD_KEY": ALICE, "CHECK_KEYS": "false"}
+    try:
+        with DaemonProcess(["--cache", "--data-dir", "data"], env=env, cwd=str(tmp_path)) as proxy:
+            labels = []
+            for _ in range(4):
+                answer = httpx2.post(proxy.url + "/v1/chat/completions", content=body, timeout=10,
+                                     headers={"authorization": f"Bearer {ALICE}", "content-type": "application/json"})
+                labels.append(answer.headers["x-fwd-cache"])
+    finally:
+        server.close()
+    assert labels == ["MISS"] * 4 and len(calls) == 4
+
+
+def test_clients_that_hang_up_during_a_redis_lookup_do_not_count_against_redis(tmp_path, upstream, redis_server):
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ALICE.encode()
+               + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    env = {"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": POOL, "FORWARD_KEY": ALICE, "CHECK_KEYS": "false"}
+    with DaemonProcess(["--cache", "--redis-url", redis_server.url], env=env, cwd=str(tmp_path)) as proxy:
+        for _ in range(4):
+            sockets = [socket.create_connection(("127.0.0.1", proxy.ports[0])) for _ in range(5)]
+            for s in sockets:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.sendall(request)
+            for s in sockets:
+                s.close()  # a reset right after the request: the lookup is on its way
+            time.sleep(0.3)
+        redis = httpx2.get(proxy.url + "/healthz").json()["redis"]
+        assert redis["state"] == "shared" and redis["failures"] == 0, redis
+        assert "timed out" not in proxy.output

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from tests.support.memory import MemoryProxy, split_response
@@ -87,3 +89,94 @@ def test_a_bad_cache_header_is_a_400_before_anything_goes_upstream():
     status, _, body = split_response(answer.value())
     assert status == 400 and json.loads(body)["error"]["code"] == "invalid_cache_header"
     assert chats(memory) == 0 and memory.gateway.in_flight == 0
+
+
+def test_a_body_nested_deeper_than_the_cache_writes_goes_upstream_as_it_came():
+    memory = proxy()
+    deep = b'{"model": "gpt-4o-mini", "messages": [], "x": ' + b"[" * 600 + b"]" * 600 + b"}"
+    for size_note in (deep, deep + b" " * 40_000):  # read at once, and in slices
+        answer = memory.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                            + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(size_note)
+                            + size_note)
+        memory.advance(0.1)
+        status, headers, _ = split_response(answer.value())
+        assert (status, headers[b"x-fwd-cache"]) == (200, b"SKIP")
+    assert chats(memory) == 2 and memory.upstream.received[-1].body == deep + b" " * 40_000
+
+
+def test_answers_captured_at_once_stay_within_the_store_and_give_their_bytes_back():
+    memory = MemoryProxy(api_key="sk-pool-memory-000000000000001", forward_key=KEY, cache=True, check_keys=False,
+                         cache_max_size="8000")
+    cache = memory.gateway.cache
+    first, second = cache.capture(), cache.capture()
+    first.feed(b"x" * 1500)
+    second.feed(b"y" * 1500)
+    assert cache.capturing == 3000
+    first.feed(b"x" * 600)
+    assert not first.whole and cache.capturing == 1500, "past a quarter of the store, a capture lets go"
+    third = [cache.capture() for _ in range(5)]
+    for capture in third:
+        capture.feed(b"z" * 1400)
+    assert cache.capturing <= 8000 and not all(c.whole for c in third)
+    for capture in [second, *third]:
+        capture.release()
+    assert cache.capturing == 0
+
+
+class SlowClient(StringTransport):
+    """A connection whose client stops reading: past 128 KiB buffered it pauses its producer, as a socket does."""
+
+    def write(self, data):
+        super().write(data)
+        if len(self.value()) > 128 * 1024 and self.producer is not None and self.streaming:
+            self.producer.pauseProducing()
+
+
+def test_a_large_hit_goes_as_the_client_reads_and_a_client_that_never_reads_is_let_go():
+    from fwd.cache import Entry
+
+    memory = proxy()
+    listing = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+    first = memory.raw(listing)
+    assert split_response(first.value())[1][b"x-fwd-cache"] == b"MISS"
+    cache = memory.gateway.cache
+    (key,) = list(cache.memory.entries)
+    headers = cache.memory.entries[key][0].headers
+    cache.memory.put(key, Entry(headers, b"m" * 2_000_000, False, 0.0), 600)  # a 2 MB answer under that key
+
+    address = IPv4Address("TCP", "127.0.0.1", 40001)
+    protocol = memory.site.buildProtocol(address)
+    transport = SlowClient(peerAddress=address)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(listing)
+    memory.flush()
+    status, head, body = split_response(transport.value())
+    assert (status, head[b"x-fwd-cache"], head[b"content-length"]) == (200, b"HIT", b"2000000")
+    assert len(body) < 300_000, "the connection's buffer stopped it: no copy of the whole entry waits there"
+    assert memory.gateway.in_flight == 1
+    transport.clear()
+    transport.producer.resumeProducing()  # the client read: more comes
+    assert 0 < len(transport.value()) < 300_000
+    memory.advance(memory.config.idle_timeout + 1)
+    assert transport.disconnecting, "a client that reads nothing more is disconnected"
+    protocol.connectionLost(Failure(ConnectionLost()))
+    assert memory.gateway.in_flight == 0
+
+
+def test_a_shared_scope_never_answers_a_callers_own_key_which_nobody_checked():
+    import attrs
+
+    from tests.support.memory import make_config
+
+    config = make_config(api_key="sk-pool-memory-000000000000001", forward_key=KEY, cache=True, check_keys=False)
+    config = attrs.evolve(config, routes=(attrs.evolve(config.routes[0], cache_scope="shared"),))
+    memory = MemoryProxy(config=config)
+
+    def ask(key: str) -> bytes:
+        answer = memory.raw(request(stream=False).replace(KEY.encode(), key.encode()))
+        memory.advance(0.1)
+        return split_response(answer.value())[1][b"x-fwd-cache"]
+
+    assert [ask(KEY), ask(KEY)] == [b"MISS", b"HIT"]
+    assert [ask("sk-made-up-000000000000000000001"), ask("sk-made-up-000000000000000000002")] == [b"SKIP", b"SKIP"]
+    assert chats(memory) == 3
