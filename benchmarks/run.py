@@ -901,8 +901,9 @@ def main(argv=None):
             """Start (or restart) one proxy on a fresh port; returns an error string or None."""
             port = free_port()
             if name == "fwd":
-                profiling = ["--profile=" + os.path.abspath(args.profile), "--profiler=cprofile", "--savestats"]
-                spec, err = fwd_command(args, port, up_port, twistd_args=profiling if args.profile else ())
+                profiling = (["--profile=" + os.path.abspath(args.profile), "--profiler=cprofile", "--savestats"]
+                             if args.profile else [])
+                spec, err = fwd_command(args, port, up_port, twistd_args=profiling)
             elif name == "fwd+chat":
                 spec, err = fwd_command(args, port, up_port, ["LOG_CHAT=true", "LOG_DIR=Log"])
             elif name == "fwd+cache-hit":
