@@ -47,7 +47,10 @@ def azure_target(rest: bytes, query: bytes | None, model: object, deployments, a
     if operation in DEPLOYMENT_OPERATIONS:
         if not isinstance(model, str) or not model:
             raise Unmapped("the request names no model, so no deployment can serve it")
-        deployment = quote(deployments.get(model, model), safe="-_.").encode()
+        name = deployments.get(model, model)
+        if name in (".", ".."):
+            raise Unmapped("no deployment is named . or ..")
+        deployment = quote(name, safe="-_.").encode()
         return b"openai/deployments/" + deployment + b"/" + operation, versioned
     return b"openai/" + operation, versioned
 
@@ -56,7 +59,7 @@ def with_api_version(query: bytes | None, api_version: str | None) -> bytes | No
     """The query with api-version set (a client's own api-version wins)."""
     if api_version is None:
         return query
-    if query and any(part.split(b"=", 1)[0] == b"api-version" for part in query.split(b"&")):
+    if query and any(part.split(b"=", 1)[0].lower() == b"api-version" for part in query.split(b"&")):
         return query
     added = b"api-version=" + api_version.encode()
     return added if not query else query + b"&" + added

@@ -47,6 +47,7 @@ class UpstreamHealth:
     errors: int = 0  # in all
     served: int = 0
     resting_until: float = 0.0
+    failed_at: float = -1.0  # when the failure that started the current rest was counted
     trial_out: bool = False
     why: str = ""
 
@@ -65,9 +66,12 @@ class UpstreamHealth:
             self.trial_out = True  # the one trial of this rest
 
     def answered(self, now: float, latency: float) -> None:
-        """Response headers came (a status it is not blamed for) after `latency` seconds."""
+        """Response headers came (a status it is not blamed for) after `latency` seconds.  An attempt sent before
+        the failure that started its rest proves nothing about now: only a later one ends the rest."""
         self.in_flight -= 1
         self.served += 1
+        if self.failures and now - latency < self.failed_at:
+            return
         recovered = self.failures > 0
         self.failures = 0
         self.trial_out = False
@@ -90,14 +94,18 @@ class UpstreamHealth:
         fade = 0.5 ** (max(0.0, now - self.measured_at) / HALF_LIFE)
         return LATENCY_FLOOR + (self.latency - LATENCY_FLOOR) * fade
 
-    def failed(self, now: float, why: str) -> float:
-        """It failed this request: rest it; how long."""
+    def failed(self, now: float, why: str, sent_at: float | None = None) -> float:
+        """An attempt sent at `sent_at` failed: rest the upstream; how long.  Attempts already on their way when a
+        failure started the rest fail with it and do not make it longer: one blip is one failure."""
         self.in_flight -= 1
         self.errors += 1
+        if self.failures and sent_at is not None and sent_at < self.failed_at:
+            return self.resting_until - now
         self.failures += 1
+        self.failed_at = now
         self.trial_out = False
         self.why = why
-        cooldown = min(FIRST_COOLDOWN * 2 ** (self.failures - 1), MAX_COOLDOWN)
+        cooldown = min(FIRST_COOLDOWN * 2 ** min(self.failures - 1, 16), MAX_COOLDOWN)
         self.resting_until = now + cooldown
         return cooldown
 

@@ -311,8 +311,8 @@ def make_route(
 UPSTREAM_FIELDS = ("base_url", "kind", "api_keys", "weight", "models", "deployments", "api_version")
 
 
-def parse_upstreams(tables: object, here: str) -> tuple[Upstream, ...]:
-    """A route's [[route.upstream]] tables."""
+def parse_upstreams(tables: object, here: str, client_kind: str = "openai") -> tuple[Upstream, ...]:
+    """A route's [[route.upstream]] tables (`client_kind`: how clients speak to the route)."""
     if not isinstance(tables, list) or not tables or not all(isinstance(t, Mapping) for t in tables):
         raise ConfigError(f"{here}: upstream must be an array of tables ([[route.upstream]])")
     upstreams = []
@@ -342,8 +342,9 @@ def parse_upstreams(tables: object, here: str) -> tuple[Upstream, ...]:
         api_version = table.get("api_version")
         if api_version is not None and (not isinstance(api_version, str) or not api_version.replace("-", "").isalnum()):
             raise ConfigError(f"{where}: api_version must look like 2024-10-21 or preview")
-        if deployments and api_version is None:
-            raise ConfigError(f"{where}: deployments need an api_version (e.g. \"2024-10-21\")")
+        if kind == "azure" and api_version is None and client_kind != "azure":
+            raise ConfigError(f"{where}: an azure upstream of a route OpenAI clients call needs an api_version "
+                              "(e.g. \"2024-10-21\")")
         upstreams.append(Upstream(
             base_url=parse_url(table["base_url"], f"{where}: base_url"),
             kind=kind,
@@ -356,6 +357,9 @@ def parse_upstreams(tables: object, here: str) -> tuple[Upstream, ...]:
     bases = [u.base_url for u in upstreams]
     if len(set(bases)) != len(bases):
         raise ConfigError(f"{here}: two upstreams have the same base_url")
+    keyed = [bool(u.api_keys) for u in upstreams]
+    if any(keyed) and not all(keyed):
+        raise ConfigError(f"{here}: either every upstream has api_keys or none has")
     return tuple(upstreams)
 
 
@@ -391,7 +395,10 @@ def routes_from_file(tables: object, file_name: str, allow_client_keys: bool, ca
         if "upstream" in table:
             if "base_url" in table or "api_keys" in table:
                 raise ConfigError(f"{here}: give base_url and api_keys in its [[route.upstream]] tables, not both")
-            upstreams = parse_upstreams(table["upstream"], here)
+            if table.get("allow_client_keys") is True:
+                raise ConfigError(f"{here}: a route of [[route.upstream]] tables serves forward keys only "
+                                  "(a client's own key would reach every upstream)")
+            upstreams = parse_upstreams(table["upstream"], here, table.get("kind", "openai"))
             table = {**table, "base_url": upstreams[0].base_url,
                      "api_keys": [k for u in upstreams for k in u.api_keys]}
         if "base_url" not in table:
@@ -399,7 +406,7 @@ def routes_from_file(tables: object, file_name: str, allow_client_keys: bool, ca
         retry = table.get("retry_post_5xx", True)
         if not isinstance(retry, bool):
             raise ConfigError(f"{here}: retry_post_5xx must be true or false")
-        allow = table.get("allow_client_keys", allow_client_keys)
+        allow = table.get("allow_client_keys", allow_client_keys and not upstreams)
         if not isinstance(allow, bool):
             raise ConfigError(f"{here}: allow_client_keys must be true or false")
         stream_usage = table.get("stream_usage")

@@ -244,13 +244,17 @@ class Exchange:
         elif self.body_size or method in (b"POST", b"PUT", b"PATCH"):
             producer = body_producer(self.body, self.gateway.cooperator) if self.body is not None else BytesProducer(b"")
         d = self.gateway.agent.request(method, self.attempts.url, Headers(dict(outcome)), producer)
-        d.addTimeout(self.config.timeout, self.clock, onTimeoutCancel=self._timed_out)
+        # TIMEOUT bounds the whole wait for response headers, across replays on other keys and upstreams.
+        d.addTimeout(max(self._time_left(), 0.001), self.clock, onTimeoutCancel=self._timed_out)
         self.pending = d
         d.addCallbacks(self._response, self._request_failed)
         d.addErrback(self._unexpected)
 
-    @staticmethod
-    def _timed_out(result, timeout):
+    def _time_left(self) -> float:
+        return self.started + self.config.timeout - self.clock.seconds()
+
+    def _timed_out(self, result, timeout):
+        timeout = self.config.timeout
         return failure.Failure(defer.TimeoutError(f"no response headers within {timeout} s"))
 
     def _response(self, response) -> None:
@@ -285,7 +289,7 @@ class Exchange:
         attempts.failed(f"answered {status}")
         if self.request.method == b"POST" and not self.active.route.retry_post_5xx:
             return False
-        if not attempts.can_fail_over():
+        if not attempts.can_fail_over() or self._time_left() <= 0:
             return False
         log.warn("upstream {url} answered {status}; trying another", url=attempts.name, status=status)
         attempts.fail_over()
@@ -382,7 +386,10 @@ class Exchange:
             error = errors.upstream_unreachable(base, describe_failure(reason))
         log.warn("upstream {url} failed: {why}", url=base, why=error.message)
         attempts.failed(error.code or "failed")
-        if attempts.can_fail_over():
+        # A POST the upstream may have received (no answer came) is replayed only where the route allows it.
+        never_sent = reason.check(ConnectError, DNSLookupError) is not None
+        replayable = never_sent or self.request.method != b"POST" or self.active.route.retry_post_5xx
+        if replayable and attempts.can_fail_over() and self._time_left() > 0:
             attempts.fail_over()
             self._attempt()
             return

@@ -1,6 +1,6 @@
 """The upstreams one request tries in turn: the choice (fwd.balance), each upstream's pool keys (fwd.keys), the
 URL on each (fwd.azure for OpenAI-shaped requests to Azure), and what each attempt says of the upstream's health.
-Tests: tests/test_failover.py
+Tests: tests/test_balance.py, tests/test_upstreams_e2e.py
 
 A request goes to another upstream only before a byte of its answer reached the client: when the upstream
 refused the connection, failed TLS, sent no response headers in time, answered 5xx (a POST only where its
@@ -81,17 +81,19 @@ class UpstreamAttempts:
     def next(self, headers: list) -> list | errors.ProxyError:
         """The headers of the next attempt (its Host and pool key), or the error to answer when no upstream can
         take it: every key of every upstream rests, or no upstream serves the request."""
-        refused = None
+        refused: list[errors.ProxyError] = []
         while True:
             if self.upstream is None and not self.choose():
-                return refused or errors.no_upstream(self.model if isinstance(self.model, str) else None)
+                if refused:
+                    return soonest_refusal(refused)
+                return errors.no_upstream(self.model if isinstance(self.model, str) else None)
             outcome = self.keys.next([*headers, (b"host", [self.upstream.host])])
             if not isinstance(outcome, errors.ProxyError):
                 self.sent_at = self.clock.seconds()
                 self.upstream.health.started(self.sent_at)
                 self.open = True
                 return outcome
-            refused = outcome  # every key of this upstream rests: the next upstream may have one
+            refused.append(outcome)  # every key of this upstream rests: the next upstream may have one
             self.upstream = None
 
     def answered(self) -> None:
@@ -105,7 +107,7 @@ class UpstreamAttempts:
         """The attempt failed because of the upstream: rest it."""
         if self.open:
             self.open = False
-            self.upstream.health.failed(self.clock.seconds(), why)
+            self.upstream.health.failed(self.clock.seconds(), why, self.sent_at)
 
     def left(self) -> None:
         """The client left before a verdict."""
@@ -126,3 +128,12 @@ class UpstreamAttempts:
 
     def refused(self, status: int, body: bytes, retry_after: float | None) -> str:
         return self.keys.refused(status, body, retry_after)
+
+
+def soonest_refusal(refused: list[errors.ProxyError]) -> errors.ProxyError:
+    """What to answer when every upstream's keys rest: the 429 whose keys come back first, else (every key
+    disabled) the 503."""
+    limited = [e for e in refused if e.status == 429]
+    if not limited:
+        return refused[-1]
+    return min(limited, key=lambda e: int(dict(e.headers).get(b"Retry-After", b"0") or 0))

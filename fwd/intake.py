@@ -174,13 +174,18 @@ def read_request(gateway, request, admission, target: Target, wanted: Iterable[s
     kind = models.body_kind(headers.getRawHeaders(b"content-type"), headers.getRawHeaders(b"content-encoding"), size)
     named = models.NOTHING
     view = b""
+    form = models.NOTHING
+    if kind == "form" and (limited or models.MODEL in wanted):
+        # A form names its model in a field: for the key's model list, or to choose where the request goes.
+        view = body_view(request.content)
+        form = models.form_named(view, headers.getRawHeaders(b"content-type")[0])
+    form_members = Members(OBJECT, {models.MODEL: form.models[0]}) if len(form.models) == 1 else None
     if limited:
         named = models.path_named(target.path) + models.query_named(target.query)
         if kind.startswith("refuse:"):
             named = named + models.refused(kind.removeprefix("refuse:"))
         elif kind == "form":
-            view = body_view(request.content)
-            named = named + models.form_named(view, headers.getRawHeaders(b"content-type")[0])
+            named = named + form
         elif kind == "json":
             names.append(models.MODEL)
     if kind == "json":
@@ -193,8 +198,8 @@ def read_request(gateway, request, admission, target: Target, wanted: Iterable[s
     if not names:
         _close(view)
         if limited:
-            return _judged(forward_key, request.method, target, named, None, json_size, None)
-        return Facts(json_size=json_size)
+            return _judged(forward_key, request.method, target, named, form_members, json_size, None)
+        return Facts(members=form_members, json_size=json_size)
     _close(view)
     view = body_bytes(request.content)
     if not limited and size <= AT_ONCE:

@@ -48,3 +48,13 @@ def test_a_deployment_name_cannot_leave_its_path_segment():
 def test_paths_that_are_not_the_openai_api_pass_as_they_came():
     assert azure_target(b"openai/deployments/d/chat/completions", b"api-version=1", "gpt-4o", DEPLOYMENTS, "v") == (
         b"openai/deployments/d/chat/completions", b"api-version=1")
+
+
+def test_a_model_that_would_be_a_dot_segment_is_not_sent():
+    for name in (".", ".."):
+        with pytest.raises(Unmapped):
+            azure_target(b"v1/chat/completions", None, name, {}, "v")
+
+
+def test_a_clients_api_version_in_any_case_is_kept_alone():
+    assert azure_target(b"v1/models", b"API-Version=x", None, {}, "v")[1] == b"API-Version=x"

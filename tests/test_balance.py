@@ -83,3 +83,24 @@ def test_a_client_that_leaves_frees_the_trial():
     health.started(1.0)
     health.left()
     assert health.available(1.0) and health.in_flight == 0
+
+
+def test_attempts_already_on_their_way_fail_with_the_blip_and_do_not_lengthen_the_rest():
+    health = UpstreamHealth()
+    for _ in range(8):
+        health.started(0.0)
+    rests = [health.failed(0.5 + n * 0.01, "connection refused", sent_at=0.0) for n in range(8)]
+    assert health.failures == 1 and health.errors == 8 and max(rests) <= 1.0
+    health.started(0.0)
+    health.answered(0.6, 0.6)  # sent before the failure: proves nothing about now
+    assert health.state(0.6) == balance.RESTING
+    assert health.in_flight == 0
+
+
+def test_rests_stop_growing_however_long_an_upstream_fails():
+    health = UpstreamHealth()
+    now = 0.0
+    for _ in range(2000):
+        health.started(now)
+        assert health.failed(now, "503", sent_at=now) <= balance.MAX_COOLDOWN
+        now += 0.001

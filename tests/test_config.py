@@ -428,6 +428,7 @@ def test_a_route_lists_upstreams_each_with_its_own_pool_and_weight(files):
     assert second.served == frozenset({"gpt-4o"}) and second.serves("gpt-4o") and not second.serves("gpt-4o-mini")
     assert set(route.api_keys) == {"sk-openai-00000000000000001", "azure-key-000000000000000001"}
     assert route.reads_model and route.base_url == "https://api.openai.com"
+    assert not route.allow_client_keys, "a client's own key would reach every upstream"
 
 
 def test_a_route_with_one_base_url_has_that_one_upstream(files):
@@ -439,7 +440,9 @@ def test_a_route_with_one_base_url_has_that_one_upstream(files):
 
 @pytest.mark.parametrize("change,message", [
     (('kind = "azure"\n', 'kind = "azure"\nbogus = 1\n'), "unknown field 'bogus'"),
-    (('api_version = "2024-10-21"\n', ''), "deployments need an api_version"),
+    (('api_version = "2024-10-21"\n', ''), "needs an api_version"),
+    (('api_keys = ["azure-key-000000000000000001"]\n', ''), "either every upstream has api_keys or none has"),
+    (("[[route]]\n", "[[route]]\nallow_client_keys = true\n"), "forward keys only"),
     (('kind = "azure"\n', ''), 'deployments are for kind = "azure"'),
     (("weight = 3", "weight = 0"), "weight must be a number above 0"),
     (("https://westeu.openai.azure.com", "https://api.openai.com"), "two upstreams have the same base_url"),

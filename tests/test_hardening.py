@@ -96,6 +96,7 @@ def test_eight_refused_clients_sending_100_mb_each_cost_no_disk_and_no_memory(up
         raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         before = rss_kb(pid)
         answers = []
+        totals: list[int] = []
 
         def attack():
             size = 100 * 1024 * 1024
@@ -111,6 +112,7 @@ def test_eight_refused_clients_sending_100_mb_each_cost_no_disk_and_no_memory(up
                         sent += len(block)
                 except OSError:
                     pass
+                totals.append(sent)
                 try:
                     answers.append(s.recv(4096))
                 except OSError:
@@ -122,6 +124,8 @@ def test_eight_refused_clients_sending_100_mb_each_cost_no_disk_and_no_memory(up
         for thread in threads:
             thread.join(60)
         grown = rss_kb(pid) - before
+        print(f"\n8 refused clients ({refusal}) sent {sum(totals) / 2**20:.0f} MB: RSS +{grown / 1024:.1f} MB, "
+              f"{disk_bytes(spool) / 2**20:.1f} MB on disk")
         assert grown < 5 * 1024, f"RSS grew {grown} KB"
         assert disk_bytes(spool) < 5 * 1024 * 1024
         expected = 403 if refusal == "ip" else 401
@@ -503,6 +507,8 @@ def test_a_10_mb_body_of_three_million_objects_never_stalls_another_clients_stre
     assert status_of(answer) == 403 and b"'gpt-4o'" in answer
     during = [b - a for a, b in zip(arrivals, arrivals[1:]) if started <= a <= checked]
     assert during, "the stream ran while the body was checked"
+    print(f"\n10 MB adversarial body: longest gap in another client's stream {max(during) * 1000:.0f} ms, "
+          f"RSS +{(peak[0] - baseline) / 1024:.0f} MB")
     assert max(during) < 0.1, f"another client's stream stalled {max(during) * 1000:.0f} ms"
     assert (peak[0] - baseline) * 1024 < 3 * len(body), f"RSS grew {(peak[0] - baseline) / 1024:.0f} MB"
 
@@ -564,4 +570,5 @@ def test_the_transcript_writer_stays_within_a_few_record_limits_whatever_the_bod
         lines = records.read_text().splitlines()
         assert len(lines) == 2 and json.loads(lines[1])["truncated"] is True
         grown = peak_kb(writer) - before
+    print(f"\ntranscript writer: peak +{grown / 1024:.1f} MB for a 72 MB body")
     assert grown < 8 * 1024, f"the writer grew {grown / 1024:.0f} MB for a 72 MB body"

@@ -178,7 +178,7 @@ def test_an_openai_client_is_served_by_an_azure_deployment(tmp_path, good):
         f.write(
             f'check_keys = false\n[[route]]\nforward_keys = [{{ key = "{TEAM}", name = "team" }}]\n'
             f'[[route.upstream]]\nbase_url = "{good.url}"\nkind = "azure"\napi_keys = ["{GOOD_KEY}"]\n'
-            'api_version = "2024-10-21"\ndeployments = { "gpt-4o" = "my-gpt4o", "text-embedding-3-small" = "emb" }\n'
+            'api_version = "2024-10-21"\ndeployments = { "gpt-4o" = "my-gpt4o", "text-embedding-3-small" = "emb", "whisper-1" = "whisper" }\n'
         )
     with DaemonProcess(["--config", "gateway.toml", "--log-chat"], cwd=str(tmp_path)) as proxy:
         client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=TEAM, max_retries=0)
@@ -188,6 +188,8 @@ def test_an_openai_client_is_served_by_an_azure_deployment(tmp_path, good):
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: which one"
         vectors = client.embeddings.create(model="text-embedding-3-small", input="words")
         assert len(vectors.data) == 1
+        heard = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF0000WAVE", "audio/wav"))
+        assert heard.text
         with pytest.raises(openai.NotFoundError) as unserved:
             client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
         assert unserved.value.code == "model_not_found"
@@ -196,6 +198,7 @@ def test_an_openai_client_is_served_by_an_azure_deployment(tmp_path, good):
         "/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21",
         "/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21",
         "/openai/deployments/emb/embeddings?api-version=2024-10-21",
+        "/openai/deployments/whisper/audio/transcriptions?api-version=2024-10-21",
     ]
     for record in sent:
         headers = {n.lower(): v for n, v in record["headers"]}
@@ -243,3 +246,42 @@ def test_a_reload_keeps_the_health_of_upstreams_that_stay(tmp_path, good):
             assert after[second]["errors"] == before["errors"], "the surviving upstream kept its state"
             client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
             assert len(third.received()) == 1, "new requests use the new list"
+
+
+class SilentServer(ResettingServer):
+    """Accepts connections and reads requests but never answers: an upstream that took the request and hangs."""
+
+    def run(self):
+        self.held = []
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.held.append(connection)
+
+
+def test_a_post_that_may_have_reached_a_hanging_upstream_is_not_replayed_where_the_route_says_so(tmp_path, good):
+    good.reset()
+    silent = SilentServer()
+    try:
+        write_config(str(tmp_path), good.url, silent.url)
+        text = (tmp_path / "gateway.toml").read_text().replace(BAD_KEY, GOOD_KEY)
+        (tmp_path / "gateway.toml").write_text(text.replace("[[route]]\n", "[[route]]\nretry_post_5xx = false\n"))
+        with DaemonProcess(["--config", "gateway.toml", "--timeout", "1"], cwd=str(tmp_path)) as proxy:
+            client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=TEAM, max_retries=0, timeout=10)
+            outcomes = []
+            for _ in range(10):
+                began = time.monotonic()
+                try:
+                    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+                    outcomes.append(("ok", time.monotonic() - began))
+                except openai.APIStatusError as e:
+                    outcomes.append((e.status_code, time.monotonic() - began))
+    finally:
+        silent.close()
+    timed_out = [t for what, t in outcomes if what == 504]
+    assert timed_out, f"the hanging upstream was never chosen: {outcomes}"
+    assert all(t < 2.5 for t in timed_out), "TIMEOUT bounds the whole wait"
+    assert len(good.received()) == len([o for o in outcomes if o[0] == "ok"]), "no POST was sent twice"
