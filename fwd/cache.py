@@ -129,11 +129,8 @@ def route_identity(name: str, upstreams) -> str:
 
 def cache_key(route: str, scope: str, method: bytes, path: bytes, query: bytes | None, body: bytes) -> str:
     """The entry's name: every part length-prefixed, so no two different requests hash the same bytes."""
-    digest = hashlib.sha256()
-    for part in (route.encode(), scope.encode(), method, path, b"" if query is None else b"?" + query, body):
-        digest.update(b"%d:" % len(part))
-        digest.update(part)
-    return digest.hexdigest()
+    parts = (route.encode(), scope.encode(), method, path, b"" if query is None else b"?" + query, body)
+    return hashlib.sha256(b"".join(b"%d:%b" % (len(part), part) for part in parts)).hexdigest()
 
 
 @attrs.frozen

@@ -42,6 +42,9 @@ class CachePlan:
         return cache.MISS if self.stores else cache.SKIPPED
 
 
+SKIPPED = CachePlan(cache.SKIP)
+
+
 @attrs.define
 class Counts:
     hits: int = 0
@@ -63,6 +66,7 @@ class ResponseCache:
         self.secret = secret
         self.flights: dict[str, list[defer.Deferred]] = {}
         self.capturing = 0  # bytes held by the answers being captured now, at most the store's size
+        self.scopes: dict = {}  # forward key -> its scope
         self.counts = Counts()
         self.file = None  # a fwd.cache_store.CacheFile, when entries persist
 
@@ -78,10 +82,11 @@ class ResponseCache:
         route = active.route
         header = request.requestHeaders.getRawHeaders(b"x-fwd-cache")
         concerned = route.cache or header is not None
-        passing = CachePlan(cache.SKIP) if concerned else None
+        passing = SKIPPED if concerned else None
         method = request.method
         document = None
-        if not cache.cacheable_endpoint(method, target.path):
+        path = target.path
+        if not cache.cacheable_endpoint(method, path):
             if header is None:
                 return passing
         elif method == b"POST":
@@ -101,7 +106,7 @@ class ResponseCache:
             mode = cache.asked_mode(header, document.get(cache.BODY_FLAG) if document is not None else None)
         except cache.BadCacheHeader as e:
             return errors.bad_cache_header(str(e))
-        if not cache.cacheable_endpoint(method, target.path):
+        if not cache.cacheable_endpoint(method, path):
             return passing
         try:
             stripped = cache.without_flag(document) if document is not None and cache.BODY_FLAG in document else None
@@ -112,7 +117,7 @@ class ResponseCache:
             if not route.cache:
                 return None if stripped is None else CachePlan(cache.SKIP, body=stripped)
             mode = cache.USE
-        if mode == cache.SKIP or document is not None and cache.stateful(document, target.path):
+        if mode == cache.SKIP or document is not None and cache.stateful(document, path):
             return CachePlan(cache.SKIP, body=stripped)
         decision = admission.decision
         shared = route.cache_scope == "shared"
@@ -120,13 +125,16 @@ class ResponseCache:
             # A hit never reaches the upstream, so a shared entry would answer a key nobody checked.
             return CachePlan(cache.SKIP, body=stripped)
         forward_key = decision.forward_key
-        scope = cache.caller_scope(
-            shared,
-            (forward_key.name, forward_key.key) if forward_key is not None else None,
-            decision.client_key,
-            self.secret,
-        )
-        key = cache.cache_key(active.cache_identity, scope, method, target.path, target.query, canonical)
+        if forward_key is not None and not shared:
+            scope = self.scopes.get(forward_key)
+            if scope is None:  # one keyed hash per forward key, not per request
+                if len(self.scopes) > 4096:
+                    self.scopes.clear()
+                scope = self.scopes[forward_key] = cache.caller_scope(False, (forward_key.name, forward_key.key),
+                                                                      None, self.secret)
+        else:
+            scope = cache.caller_scope(shared, None, decision.client_key, self.secret)
+        key = cache.cache_key(active.cache_identity, scope, method, path, target.query, canonical)
         stream = document is not None and document.get("stream") is True
         model = document.get("model") if document is not None else None
         return CachePlan(mode, key, route.cache_ttl or self.default_ttl, stream, stripped,

@@ -108,19 +108,26 @@ class Exchange:
         self.metering: Metering | None = None
         if terms is not None and terms.metered:
             self.metering = self._meter(terms)
-        self.headers = upstream_headers(
+        self.headers: list | None = None  # built when the request goes upstream (a cache hit never does)
+        self.transcribed = gateway.log_chat and request.method == b"POST" and self._start_transcript()
+
+    def _upstream_headers(self) -> list:
+        """The request's headers for the upstream, before each attempt's Host and key."""
+        request = self.request
+        headers = upstream_headers(
             request.requestHeaders.getAllRawHeaders(),
-            hop_prefix=gateway.hop_prefix,
+            hop_prefix=self.gateway.hop_prefix,
             host=None,  # each upstream's own, per attempt
-            decision=admission.decision,
-            from_api_key=admission.from_api_key,
+            decision=self.admission.decision,
+            from_api_key=self.admission.from_api_key,
             proxy_keys=bool(self.config.proxy_keys),
         )
-        transcribed = gateway.log_chat and request.method == b"POST" and self._start_transcript()
-        if transcribed or self.metering is not None or cached is not None and cached.stores:
-            # Transcripts and usage read the answer: it must come uncompressed.
-            self.headers = [(n, v) for n, v in self.headers if n != b"accept-encoding"]
-            self.headers.append((b"accept-encoding", [b"identity"]))
+        cached = self.cached
+        if self.transcribed or self.metering is not None or cached is not None and cached.stores:
+            # Transcripts, usage and the cache read the answer: it must come uncompressed.
+            headers = [(n, v) for n, v in headers if n != b"accept-encoding"]
+            headers.append((b"accept-encoding", [b"identity"]))
+        return headers
 
     def _meter(self, terms) -> Metering:
         """Count this exchange's usage; ask a stream's usage of the upstream when the client did not."""
@@ -234,6 +241,8 @@ class Exchange:
         self._end(partial=False, error=None)
 
     def _attempt(self) -> None:
+        if self.headers is None:
+            self.headers = self._upstream_headers()
         outcome = self.attempts.next(self.headers)
         if isinstance(outcome, errors.ProxyError):
             return self._fail(outcome)
