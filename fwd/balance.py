@@ -82,7 +82,8 @@ class UpstreamHealth:
         elif self.latency is None:
             self.latency = latency
         else:
-            self.latency = self.recent(now) + ALPHA * (latency - self.recent(now))
+            recent = self.recent(now)
+            self.latency = recent + ALPHA * (latency - recent)
         self.measured_at = now
 
     def recent(self, now: float) -> float:

@@ -82,8 +82,12 @@ class ResponseCache:
         route = active.route
         header = request.requestHeaders.getRawHeaders(b"x-fwd-cache")
         concerned = route.cache or header is not None
-        passing = SKIPPED if concerned else None
         method = request.method
+        if not concerned:
+            # The common case, kept cheap: only openai-forward's body flag can involve the cache.
+            if method != b"POST" or not flag_in(request, facts):
+                return None
+        passing = SKIPPED if concerned else None
         document = None
         path = target.path
         if not cache.cacheable_endpoint(method, path):
@@ -303,3 +307,13 @@ class EntrySender:
         if not getattr(self.request, "gone", False):
             self.request.unregisterProducer()
         self.done.callback(self.at)
+
+
+def flag_in(request, facts) -> bool:
+    """Whether a request body the cache could read mentions the caching flag at all."""
+    body = facts.body
+    if body is None:
+        if body_size(request.content) > cache.MAX_KEYED_BODY:
+            return False
+        body = body_bytes(request.content)
+    return b'"caching"' in body
