@@ -79,8 +79,11 @@ class ResettingServer:
             except OSError:
                 return
             self.accepted += 1
-            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            connection.close()
+            self.accepted_one(connection)
+
+    def accepted_one(self, connection):
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
 
     def close(self):
         self.socket.close()
@@ -251,15 +254,12 @@ def test_a_reload_keeps_the_health_of_upstreams_that_stay(tmp_path, good):
 class SilentServer(ResettingServer):
     """Accepts connections and reads requests but never answers: an upstream that took the request and hangs."""
 
-    def run(self):
-        self.held = []
-        while True:
-            try:
-                connection, _ = self.socket.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            self.held.append(connection)
+    def __init__(self):
+        self.held = []  # kept open, unanswered
+        super().__init__()
+
+    def accepted_one(self, connection):
+        self.held.append(connection)
 
 
 def test_a_post_that_may_have_reached_a_hanging_upstream_is_not_replayed_where_the_route_says_so(tmp_path, good):
