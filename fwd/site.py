@@ -140,11 +140,16 @@ class ForwardRequest(Request):
             self.sentLength = len(error.body())
             site.log(self)
         else:
-            site.clock.callLater(0, answers.send_error, self, error)
+            site.clock.callLater(0, self._answer_stream, error)
+
+    def _answer_stream(self, error: errors.ProxyError) -> None:
+        """Answer an HTTP/2 stream refused mid-body; the rest of its body, and its end, change nothing."""
+        self.answered_early = True
+        answers.send_error(self, error)
 
     def requestReceived(self, command, path, version):
         if self.answered_early:
-            return  # answered already, and the connection is closing
+            return  # answered already: the connection is closing, or (HTTP/2) the stream was answered
         if self.content is None:
             self.content = RequestBody()
         super().requestReceived(command, path, version)

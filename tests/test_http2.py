@@ -511,3 +511,4 @@ def test_over_tls_a_client_that_never_opens_its_window_costs_no_cpu_while_the_st
     sock.close()
     print(f"\nshut window: the daemon used {share:.1%} of a core while the stream waited")
     assert share < 0.05
+
