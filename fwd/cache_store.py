@@ -12,17 +12,14 @@ import os
 import sqlite3
 from collections import OrderedDict
 
-from twisted.application import service
-from twisted.internet import task, threads
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from fwd.cache import Entry
+from fwd.written_behind import WrittenBehind, transaction
 
 log = Logger(namespace="fwd.cache")
 
 CACHE_FILENAME = "cache.sqlite"
-FLUSH_SECONDS = 1.0
 REDIS_PREFIX = "fwd:cache:"
 # No one answer may take more than this share of the store: one huge answer would push out everything else.
 LARGEST_SHARE = 4
@@ -80,20 +77,15 @@ class MemoryStore:
         return len(self.entries)
 
 
-class CacheFile(service.Service):
+class CacheFile(WrittenBehind):
     """DATA_DIR/cache.sqlite: loaded into the memory store at start, then written behind it by one thread."""
 
     def __init__(self, directory: str, memory: MemoryStore, reactor):
+        super().__init__(reactor, "fwd-cache")
         self.path = os.path.join(directory, CACHE_FILENAME)
         self.directory = directory
         self.memory = memory
-        self.clock = reactor
         self.pending: dict[str, tuple[bytes, float]] = {}
-        self.pool = ThreadPool(1, 1, name="fwd-cache")
-        self.flusher = task.LoopingCall(self.flush)
-        self.flusher.clock = reactor
-        self.connection: sqlite3.Connection | None = None
-        self.write_errors = 0
 
     def _connect(self) -> sqlite3.Connection:
         # Every tenant's answers are in it: readable by the daemon's user alone (SQLite's -wal and -shm files
@@ -144,9 +136,7 @@ class CacheFile(service.Service):
             loaded = 0
         if loaded:
             log.info("response cache: {count} entries loaded from {path}", count=loaded, path=self.path)
-        self.connection = self._connect()
-        self.pool.start()
-        self.flusher.start(FLUSH_SECONDS, now=False)
+        self.start_writing(self._connect())
 
     def flush(self):
         """Write what was stored and forget what was dropped since the last flush, in the file's thread."""
@@ -160,7 +150,7 @@ class CacheFile(service.Service):
             if self.write_errors == 1:
                 log.error("cannot write the response cache {path}: {why}", path=self.path, why=reason.getErrorMessage())
 
-        return threads.deferToThreadPool(self.clock, self.pool, self._write, puts, drops, now).addErrback(failed)
+        return self.in_thread(self._write, puts, drops, now).addErrback(failed)
 
     def take(self) -> tuple[list, list]:
         """The rows to write and the keys to delete since the last take: what the memory store holds now decides
@@ -173,34 +163,12 @@ class CacheFile(service.Service):
         return puts, drops
 
     def _write(self, puts, drops, now) -> None:
-        connection = self.connection
-        connection.execute("BEGIN")
-        try:
+        def work(connection):
             connection.executemany("INSERT OR REPLACE INTO entries (key, expires, value) VALUES (?, ?, ?)", puts)
             connection.executemany("DELETE FROM entries WHERE key = ?", drops)
             connection.execute("DELETE FROM entries WHERE expires <= ?", (now,))
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
 
-    def stopService(self):
-        super().stopService()
-        if self.flusher.running:
-            self.flusher.stop()
-        done = self.flush()
-
-        def close(_=None):
-            if self.pool.started:
-                self.pool.stop()
-            if self.connection is not None:
-                self.connection.close()
-                self.connection = None
-
-        if done is None:
-            close()
-            return None
-        return done.addBoth(close)
+        transaction(self.connection, work)
 
 
 class RedisStore:

@@ -2,7 +2,7 @@
 Tests: tests/test_ledger.py
 
 The ledger observes the access events of forwarded requests (fwd.exchange adds the usage to them where it was
-counted: fwd.metering), adds them up in memory and writes them every FLUSH_SECONDS from one thread of its own: no request ever
+counted: fwd.metering), adds them up in memory and writes them every second from one thread of its own (fwd.written_behind): no request ever
 waits on the disk, and a `kill -9` loses at most about a second of counts.  Budgets are kept in it too: a
 budget's spend in its current period is the sum of its caller's rows since the period began, read at startup
 (and for a budget a reload adds) to seed the limiter (fwd.limits.Limiter.seed).  It lives where the limiter
@@ -17,16 +17,13 @@ import os
 import sqlite3
 from datetime import datetime, timezone
 
-from twisted.application import service
-from twisted.internet import task, threads
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from fwd.limits import Spend, period_start
+from fwd.written_behind import WrittenBehind, transaction
 
 LEDGER_FILENAME = "usage.sqlite"
-FLUSH_SECONDS = 1.0
 MAX_MODEL_LENGTH = 128
 ACCESS_NAMESPACE = "fwd.access"
 
@@ -98,7 +95,7 @@ def merge(counts: dict, rows: list[tuple]) -> None:
 
 
 @implementer(ILogObserver)
-class Ledger(service.Service):
+class Ledger(WrittenBehind):
     """Adds up counted usage and writes it to DATA_DIR/usage.sqlite, off the request path."""
 
     def __init__(self, directory: str, reactor, limiter=None, budgets=lambda: (), shared=None,
@@ -107,20 +104,15 @@ class Ledger(service.Service):
         start and by `reseed` with the spend of `budgets()` (fwd.quota.budgets_of of the running config);
         `shared` (fwd.shared.SharedState), when instances share state, gets the counts too, for
         `openai-forward usage --redis-url`."""
+        super().__init__(reactor, "fwd-ledger")
         self.directory = directory
         self.path = os.path.join(directory, LEDGER_FILENAME)
-        self.clock = reactor
         self.limiter = limiter
         self.budgets = budgets
         self.publisher = publisher
         self.shared = shared
         self.pending: dict[tuple[str, str, str, str], list] = {}
         self.unshared: dict[tuple[str, str, str, str], list] = {}
-        self.connection: sqlite3.Connection | None = None
-        self.pool = ThreadPool(1, 1, name="fwd-ledger")
-        self.flusher = task.LoopingCall(self.flush)
-        self.flusher.clock = reactor
-        self.write_errors = 0
         self._day = ""
         self._day_ends = 0.0
 
@@ -169,11 +161,9 @@ class Ledger(service.Service):
     def startService(self):
         super().startService()
         self.check()
-        self.connection = connect(self.path)
+        self.start_writing(connect(self.path))
         self.reseed()
-        self.pool.start()
         self.publisher.addObserver(self)
-        self.flusher.start(FLUSH_SECONDS, now=False)
 
     def __call__(self, event) -> None:
         """Count one forwarded request's access event, with its usage when it was counted."""
@@ -224,7 +214,7 @@ class Ledger(service.Service):
                 log.error("cannot write the usage ledger {path}: {why}; keeping the counts to write later",
                           path=self.path, why=reason.getErrorMessage())
 
-        return threads.deferToThreadPool(self.clock, self.pool, self.write, rows).addErrback(failed)
+        return self.in_thread(self.write, rows).addErrback(failed)
 
     def share(self, rows: list[tuple]) -> None:
         """Add rows to the usage counts in Redis; what Redis cannot take now is kept for the next flush."""
@@ -251,30 +241,8 @@ class Ledger(service.Service):
 
     def write(self, rows: list[tuple]) -> None:
         """Add rows to the file in one transaction (the ledger's thread calls this)."""
-        connection = self.connection
-        connection.execute("BEGIN")
-        try:
-            connection.executemany(ADD, rows)
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
+        transaction(self.connection, lambda connection: connection.executemany(ADD, rows))
 
     def stopService(self):
-        super().stopService()
         self.publisher.removeObserver(self)
-        if self.flusher.running:
-            self.flusher.stop()
-        done = self.flush()
-
-        def close(_=None):
-            if self.pool.started:
-                self.pool.stop()
-            if self.connection is not None:
-                self.connection.close()
-                self.connection = None
-
-        if done is None:
-            close()
-            return None
-        return done.addBoth(close)
+        return super().stopService()
