@@ -6,7 +6,6 @@ Tests: tests/test_caching.py, tests/test_cache_e2e.py
 from __future__ import annotations
 
 import attrs
-import orjson
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
@@ -14,7 +13,7 @@ from zope.interface import implementer
 from fwd import cache, errors
 from fwd.cache import Entry
 from fwd.cache_store import MemoryStore, RedisStore
-from fwd.intake import body_bytes, body_size
+from fwd.intake import body_bytes, body_size, json_object
 from fwd.models import body_kind
 
 
@@ -97,14 +96,8 @@ class ResponseCache:
             size = facts.json_size or json_size(request)
             if not size or size > cache.MAX_KEYED_BODY:
                 return passing  # not JSON, or more than the cache reads
-            body = facts.body if facts.body is not None else body_bytes(request.content)
-            if not concerned and b'"caching"' not in body:
-                return None
-            try:
-                document = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                return passing
-            if type(document) is not dict:
+            document = json_object(facts.body if facts.body is not None else body_bytes(request.content))
+            if document is None:
                 return passing
         try:
             mode = cache.asked_mode(header, document.get(cache.BODY_FLAG) if document is not None else None)

@@ -118,14 +118,21 @@ def read_members(body, names: Iterable[str], cooperator: task.Cooperator, budget
     return done
 
 
-def parameters(body: bytes, names: Iterable[str]) -> Members | None:
-    """The requested top-level members of a small JSON body, as a lenient parser (the upstream's) reads them: the
-    last of a duplicated name wins.  None when the body is not a JSON object."""
+def json_object(body: bytes) -> dict | None:
+    """A small JSON body as a lenient parser (the upstream's) reads it, the last of a duplicated name winning;
+    None when it is not a JSON object."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    if type(document) is not dict:
+    return document if type(document) is dict else None
+
+
+def parameters(body: bytes, names: Iterable[str]) -> Members | None:
+    """The requested top-level members of a small JSON body (see json_object), or None when it is not a JSON
+    object."""
+    document = json_object(body)
+    if document is None:
         return None
     return Members(OBJECT, {name: document[name] for name in names if name in document})
 
