@@ -89,7 +89,8 @@ class ResponseCache:
         passing = SKIPPED if concerned else None
         document = None
         path = target.path
-        if not cache.cacheable_endpoint(method, path):
+        cacheable = cache.cacheable_endpoint(method, path)
+        if not cacheable:
             if header is None:
                 return passing
         elif method == b"POST":
@@ -103,7 +104,7 @@ class ResponseCache:
             mode = cache.asked_mode(header, document.get(cache.BODY_FLAG) if document is not None else None)
         except cache.BadCacheHeader as e:
             return errors.bad_cache_header(str(e))
-        if not cache.cacheable_endpoint(method, path):
+        if not cacheable:
             return passing
         try:
             stripped = cache.without_flag(document) if document is not None and cache.BODY_FLAG in document else None

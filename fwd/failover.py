@@ -64,31 +64,18 @@ class UpstreamAttempts:
 
     def choose(self) -> bool:
         """Take the next upstream; False when none is left."""
-        if not self.several:
-            return self._only()
         candidates = self.candidates()
         if not candidates:
             return False
-        index = balance.choose([(u.upstream.weight, u.health) for u, _ in candidates], self.clock.seconds(),
-                               self.active.rng)
-        if index is None:
-            # Every one rests: try the one whose rest ends first rather than refuse (the only one, on most routes).
-            index = min(range(len(candidates)), key=lambda i: candidates[i][0].health.resting_until)
+        if len(candidates) == 1:
+            index = 0  # nothing to choose; resting or not, it is what is left
+        else:
+            index = balance.choose([(u.upstream.weight, u.health) for u, _ in candidates], self.clock.seconds(),
+                                   self.active.rng)
+            if index is None:
+                # Every one rests: try the one whose rest ends first rather than refuse.
+                index = min(range(len(candidates)), key=lambda i: candidates[i][0].health.resting_until)
         upstream, self.url = candidates[index]
-        self.tried.add(upstream.name)
-        self.upstream = upstream
-        self.keys = KeyAttempts(upstream.pool, upstream.upstream.kind, self.use_pool)
-        return True
-
-    def _only(self) -> bool:
-        """A route of one upstream: it takes every request it can (nothing to choose, nothing to rest for)."""
-        upstream = self.active.upstreams[0]
-        if upstream.name in self.tried or not upstream.upstream.serves(self.model):
-            return False
-        try:
-            self.url = self._url(upstream)
-        except Unmapped:
-            return False
         self.tried.add(upstream.name)
         self.upstream = upstream
         self.keys = KeyAttempts(upstream.pool, upstream.upstream.kind, self.use_pool)
