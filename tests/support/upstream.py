@@ -510,7 +510,9 @@ class FakeUpstream(Resource):
         remaining = max(RATE_LIMIT_REQUESTS - self._count, 0)
         request.setHeader(b"x-ratelimit-remaining-requests", b"%d" % (remaining,))
         if self.delay:
-            self.reactor.callLater(self.delay, self._later, exchange, key)
+            gone: list = []
+            request.notifyFinish().addErrback(gone.append)
+            self.reactor.callLater(self.delay, self._later, exchange, key, gone)
             return NOT_DONE_YET
         return self._answered(exchange, key)
 
@@ -520,10 +522,10 @@ class FakeUpstream(Resource):
         except _BadRequest as error:
             return exchange.error(400, str(error))
 
-    def _later(self, exchange: _Exchange, key: str | None) -> None:
-        """Answer after --delay seconds (a slow upstream)."""
+    def _later(self, exchange: _Exchange, key: str | None, gone: list) -> None:
+        """Answer after --delay seconds (a slow upstream), unless the client left meanwhile."""
         request = exchange.request
-        if request.finished or request._disconnected:
+        if request.finished or gone:
             return
         answer = self._answered(exchange, key)
         if answer is not NOT_DONE_YET:
