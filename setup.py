@@ -19,9 +19,10 @@ setup(
         "prometheus-client>=0.20",
         "orjson>=3.9",
         "txredisapi>=1.4.10",
+        "autobahn>=24.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "openai>=1.40", "redis>=5"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "openai[realtime]>=1.40", "redis>=5", "websockets>=13"],
     },
     entry_points={"console_scripts": ["openai-forward = fwd.cli:main"]},
     classifiers=["Framework :: Twisted", "Programming Language :: Python :: 3"],

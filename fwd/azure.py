@@ -7,6 +7,7 @@ upstream is `kind = "azure"` is sent to that model's deployment:
 | -------------------------------------- | -------------------------------------------------------------- |
 | /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/images/generations, /v1/images/edits, /v1/audio/transcriptions, /v1/audio/translations, /v1/audio/speech | /openai/deployments/{deployment}/… ?api-version=… |
 | /v1/responses (and /v1/responses/…)    | /openai/v1/responses… (Azure's v1 API; the model is the deployment name) |
+| /v1/realtime?model=… (WebSocket)        | /openai/realtime?api-version=…&deployment=… (the `model` parameter replaced) |
 | anything else under /v1 (models, files, batches, …) | /openai/… ?api-version=…                          |
 
 The deployment is `deployments[model]`, or the model's own name when the table does not list it (Azure's
@@ -43,6 +44,12 @@ def azure_target(rest: bytes, query: bytes | None, model: object, deployments, a
         if isinstance(model, str) and deployments.get(model, model) != model:
             raise Unmapped("the Responses API names the deployment in the body: deploy the model under its own name")
         return b"openai/v1/" + operation, query
+    if operation == b"realtime":
+        if not isinstance(model, str) or not model:
+            raise Unmapped("the session names no model, so no deployment can serve it")
+        deployment = quote(deployments.get(model, model), safe="-_.").encode()
+        kept = [part for part in (query or b"").split(b"&") if part and part.split(b"=", 1)[0].lower() != b"model"]
+        return b"openai/realtime", with_api_version(b"&".join([*kept, b"deployment=" + deployment]), api_version)
     versioned = with_api_version(query, api_version)
     if operation in DEPLOYMENT_OPERATIONS:
         if not isinstance(model, str) or not model:

@@ -166,6 +166,7 @@ class Gateway:
         self.log_chat_override = log_chat
         self.in_flight = 0
         self.streams = 0
+        self.sessions = 0  # Realtime sessions open (fwd.realtime_session), also counted in in_flight
         self.draining = False
         self._idle_waiters: list[defer.Deferred] = []
         self.routes: dict[str, ActiveRoute] = {}
@@ -257,6 +258,7 @@ class Gateway:
         status = {
             "in_flight": self.in_flight,
             "streams": self.streams,
+            "sessions": self.sessions,
             "keys": [(a.route.name, masked, state) for a in self.routes.values() for pool in a.pools()
                      for masked, state in pool.states()],
             "upstreams": [(a.route.name, u.name, u.health.state(now), u.health.in_flight, u.health.errors,
@@ -274,6 +276,7 @@ class Gateway:
             "pid": os.getpid(),
             "in_flight": self.in_flight,
             "streams": self.streams,
+            "sessions": self.sessions,
             "routes": [route_health(a, self.clock.seconds()) for a in self.routes.values()],
         }
         if self.shared is not None:

@@ -54,6 +54,9 @@ class Drain(service.MultiService):
     transcript service) stop, so the last exchanges still reach them."""
 
     POLL = 0.05
+    # Connections closed when the grace period is over still get this long to flush and say goodbye (a Realtime
+    # session's close handshake).
+    CLOSING = 1.0
 
     def __init__(self, gateway, site, clock):
         super().__init__()
@@ -78,6 +81,7 @@ class Drain(service.MultiService):
         return idle
 
     def _close_connections(self, deadline: float) -> defer.Deferred:
+        deadline = max(deadline, self.clock.seconds() + self.CLOSING)
         for connection in self.site.open_connections():
             connection.close()
         closed = defer.Deferred()

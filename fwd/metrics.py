@@ -42,6 +42,8 @@ class StatusCollector:
         status = self.status()
         yield GaugeMetricFamily("fwd_requests_in_flight", "Requests being forwarded now", value=status["in_flight"])
         yield GaugeMetricFamily("fwd_streams_in_flight", "Event streams being relayed now", value=status["streams"])
+        yield GaugeMetricFamily("fwd_realtime_sessions", "Realtime WebSocket sessions open now",
+                                value=status.get("sessions", 0))
         keys = GaugeMetricFamily(
             "fwd_upstream_key_state",
             "Processes that see each pool key (masked) in each state; 1 per key with one process",

@@ -22,10 +22,25 @@ from fwd.gateway import Gateway
 from fwd.intake import Facts, Target, read_request
 from fwd.limits import Refusal
 from fwd.metering import PARAMETERS
-from fwd.quota import refused
+from fwd.quota import Reservation, refused
+from fwd.realtime import is_upgrade
+from fwd.realtime_session import (
+    RealtimeSession,
+    credential_from_subprotocol,
+    upgrade_refusal,
+)
 
 log = Logger(namespace="fwd.resource")
 MODEL = ("model",)
+NOTHING_RESERVED = Reservation(0, 0)
+
+
+def asks_upgrade(request) -> bool:
+    """Whether a request asks to become a WebSocket (a Realtime session)."""
+    if request.method != b"GET":
+        return False
+    headers = request.requestHeaders
+    return is_upgrade(request.method, headers.getRawHeaders(b"upgrade"), headers.getRawHeaders(b"connection"))
 
 
 class ForwardResource(Resource):
@@ -51,6 +66,10 @@ class ForwardResource(Resource):
         active = self.gateway.route(self.route_name)
         if active is None:
             return errors.not_found(request.path.decode("latin-1"))
+        if asks_upgrade(request):
+            refusal = credential_from_subprotocol(request, active.route.kind)
+            if refusal is not None:
+                return refusal
         outcome = self.gateway.judge(request, active)
         if isinstance(outcome, errors.ProxyError):
             return outcome
@@ -65,6 +84,9 @@ class ForwardResource(Resource):
                 return NOT_DONE_YET
         active, admission = request.admission
         target = Target.of(request, mounted_at=len(request.prepath))
+        if asks_upgrade(request):
+            self._upgrade(request, active, admission, target)
+            return NOT_DONE_YET
         terms = self.gateway.terms(active, admission, request.method, target.path)
         wanted = PARAMETERS if terms.metered else MODEL if active.reads_model else ()
         reading = read_request(self.gateway, request, admission, target, wanted)
@@ -142,6 +164,38 @@ class ForwardResource(Resource):
         exchange = Exchange(self.gateway, active, admission, request, target, facts, terms, ticket, cached)
         request.notifyFinish().addErrback(exchange.client_lost)
         exchange.start(self.gateway.cache.lookup(cached) if cached is not None else None)
+
+
+    def _upgrade(self, request, active, admission, target) -> None:
+        """A Realtime session: judged like a request (its model, its limits) before its upgrade is accepted."""
+        refusal = upgrade_refusal(request, admission.decision.forward_key, target)
+        if refusal is not None:
+            send_error(request, refusal)
+            return
+        terms = self.gateway.terms(active, admission, b"GET", target.path)
+        if not terms.plan:
+            self._open_session(None, request, active, admission, target)
+            return
+        deciding = self.gateway.quota.admit(terms.plan, NOTHING_RESERVED)
+        if isinstance(deciding, defer.Deferred):
+            deciding.addErrback(self._undecided)
+        self._when(deciding, request, self._open_session, request, active, admission, target)
+
+    def _open_session(self, ticket, request, active, admission, target) -> None:
+        if isinstance(ticket, Refusal):
+            request.limited = ticket.reason
+            send_error(request, refused(ticket))
+            return
+        if isinstance(ticket, errors.ProxyError):
+            send_error(request, ticket)
+            return
+        if getattr(request, "gone", False):
+            if ticket is not None:
+                self.gateway.quota.release(ticket)
+            return
+        from twisted.internet import reactor
+
+        RealtimeSession(self.gateway, active, admission, request, target, ticket, reactor).start()
 
 
 class HealthResource(Resource):

@@ -260,11 +260,12 @@ class Supervisor(service.MultiService):
 
     def status(self) -> dict:
         """The workers' latest reports, added up for /metrics."""
-        total = {"in_flight": 0, "streams": 0, "keys": []}
+        total = {"in_flight": 0, "streams": 0, "sessions": 0, "keys": []}
         redis = []
         for status in self.statuses.values():
             total["in_flight"] += status.get("in_flight", 0)
             total["streams"] += status.get("streams", 0)
+            total["sessions"] += status.get("sessions", 0)
             total["keys"] += [tuple(k) for k in status.get("keys", [])]
             total.setdefault("upstreams", []).extend(tuple(u) for u in status.get("upstreams", []))
             if status.get("redis"):

@@ -42,6 +42,8 @@ def capture(transcript: Transcript) -> tuple[dict[str, Any], bytes] | None:
     None once it holds less than that (a stream already folded, a body cut at the limit) or its assembly
     failed: then only the serving process sees the whole exchange and must finish it.
     """
+    if not isinstance(transcript, Transcript):
+        return None  # a Realtime session's transcript is assembled where its frames were relayed
     mode = transcript.mode
     if mode == "sse":
         if transcript.folded:

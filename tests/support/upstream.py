@@ -25,7 +25,10 @@ next one C{x-fake-interval} seconds later.  C{hang-mid-stream} stops after the
 first write, C{reset-mid-stream} resets the connection after the second; a
 non-streamed body hit by these is written in three parts.
 
-Control endpoints, not recorded: C{GET /__fake/received}, C{POST /__fake/reset},
+An upgrade to a WebSocket at a path ending in C{/realtime} (C{/openai/realtime} for Azure's shape) is a Realtime
+session once its key passes: see tests.support.realtime.
+
+Control endpoints, not recorded: C{GET /__fake/received}, C{GET /__fake/realtime}, C{POST /__fake/reset},
 C{POST /__fake/keys}, C{GET /__fake/disconnects}.
 """
 
@@ -456,6 +459,9 @@ class FakeUpstream(Resource):
         self.key_status: dict[str, tuple] = dict(key_status or {})
         self.expected_keys: set[str] | None = None if expected_keys is None else set(expected_keys)
         self._count = 0
+        from tests.support.realtime import realtime_factory
+
+        self.realtime = realtime_factory(reactor)
         self._routes = {
             (b"GET", b"/v1/models"): self._models,
             (b"POST", b"/v1/chat/completions"): self._chat,
@@ -561,6 +567,8 @@ class FakeUpstream(Resource):
                 retry_after=_header(request, b"x-fake-retry-after", float, 0),
                 error_code=code.decode("latin-1") if code else None,
             )
+        if request.getHeader(b"upgrade") is not None and request.path.rstrip(b"/").endswith(b"/realtime"):
+            return self._realtime(exchange)
         size = _header(request, b"x-fake-bytes", int, 0)
         if size is not None:
             request.setHeader(b"content-type", b"application/octet-stream")
@@ -581,6 +589,18 @@ class FakeUpstream(Resource):
             return self._model(exchange, unquote(request.path[len(b"/v1/models/") :].decode("utf-8", "replace")))
         return self._echo(exchange)
 
+    def _realtime(self, exchange: _Exchange) -> Any:
+        """A Realtime session (tests.support.realtime); Azure's shape needs api-version, deployment and api-key."""
+        from autobahn.twisted.resource import WebSocketResource
+
+        request = exchange.request
+        if request.path.startswith(b"/openai/") and (
+            not request.args.get(b"api-version") or not request.args.get(b"deployment")
+            or request.getHeader(b"api-key") is None
+        ):
+            return exchange.error(404, "Resource not found")
+        return WebSocketResource(self.realtime).render(request)
+
     def _lost(self, reason: Any, exchange: _Exchange) -> None:
         if not exchange.aborted:
             self.disconnects += 1
@@ -591,6 +611,8 @@ class FakeUpstream(Resource):
         route = (request.method, request.path)
         if route == (b"GET", b"/__fake/received"):
             return _dumps([record.to_json() for record in self.received])
+        if route == (b"GET", b"/__fake/realtime"):
+            return _dumps(self.realtime.stats.to_json())
         if route == (b"GET", b"/__fake/disconnects"):
             return _dumps({"disconnects": self.disconnects})
         if route == (b"POST", b"/__fake/reset"):
