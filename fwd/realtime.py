@@ -143,15 +143,16 @@ def model_refusal(payload: bytes, allowed: frozenset[str]) -> str | None:
     """Why a client event is refused for a key limited to `allowed` models: it names a model (in
     `session.update`'s session or `response.create`'s response) that the key may not run.  A frame that names no
     model, or is not an event, passes (the upstream rejects what it cannot read)."""
-    if b"model" not in payload:
-        return None
+    if b"model" not in payload and b"\\" not in payload:
+        return None  # no member is named model, not even with escapes
     try:
         event = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return "the event is not valid JSON, so the model it names cannot be read"
     if not isinstance(event, dict):
         return None
-    member = _MODEL_EVENTS.get(event.get("type"))
+    kind = event.get("type")
+    member = _MODEL_EVENTS.get(kind) if isinstance(kind, str) else None
     inner = event.get(member) if member is not None else None
     if not isinstance(inner, dict) or "model" not in inner:
         return None

@@ -413,7 +413,12 @@ class RealtimeSession:
             self.error = "client handshake failed"
         elif not clean or self.ended_by is None:
             other = self.upstream if side == "client" else self.client
-            if side == "client":
+            socket = self.client if side == "client" else self.upstream
+            failed = getattr(socket, "localCloseCode", None) if getattr(socket, "closedByMe", False) else None
+            if failed is not None and failed != 1001:
+                # autobahn failed the connection itself (a message past the limit: 1009; a protocol error: 1002).
+                why, code = f"{side} connection failed with {failed}", 1001 if side == "client" else 1011
+            elif side == "client":
                 why, code = "client connection lost", 1001
             else:
                 why, code = "upstream connection lost", 1011

@@ -52,21 +52,25 @@ class HandshakeFailed(Exception):
     """The upstream connection ended before the WebSocket opened, without an HTTP answer to read."""
 
 
-def dechunked(body: bytes) -> bytes | None:
-    """A chunked body's content, or None while its last chunk has not arrived."""
+def dechunked(body: bytes, partial: bool = False) -> bytes | None:
+    """A chunked body's content, or None while its last chunk has not arrived (with `partial`, what arrived)."""
     out, at = [], 0
     while True:
         end = body.find(b"\r\n", at)
         if end < 0:
-            return None
+            return b"".join(out) if partial else None
+        size_field = body[at:end].split(b";", 1)[0].strip()
         try:
-            size = int(body[at:end].split(b";", 1)[0], 16)
+            size = int(size_field, 16) if size_field.isalnum() else -1
         except ValueError:
-            return b"".join(out)
-        if size == 0:
-            return b"".join(out)
+            size = -1
+        if size <= 0:
+            return b"".join(out)  # the last chunk, or what is not a chunk size: the body ends here
         start = end + 2
         if len(body) < start + size + 2:
+            if partial:
+                out.append(body[start:start + size])
+                return b"".join(out)
             return None
         out.append(body[start:start + size])
         at = start + size + 2
@@ -91,7 +95,7 @@ def refusal_in(data: bytes, closed: bool):
         content = dechunked(body)
         if content is None and not closed and len(body) < REFUSAL_LIMIT:
             return WAIT
-        body = content or b""
+        body = content if content is not None else dechunked(body, partial=True)
     elif length.isdigit():
         if len(body) < min(int(length), REFUSAL_LIMIT) and not closed:
             return WAIT
@@ -170,7 +174,7 @@ class UpstreamFactory(WebSocketClientFactory):
         self.built = None
         self.setProtocolOptions(maxFramePayloadSize=max_message, maxMessagePayloadSize=max_message,
                                 openHandshakeTimeout=0, closeHandshakeTimeout=5, serverConnectionDropTimeout=5,
-                                perMessageCompressionOffers=[])
+                                perMessageCompressionOffers=[], failByDrop=False)
 
     def buildProtocol(self, addr):
         protocol = self.built = super().buildProtocol(addr)
@@ -220,7 +224,7 @@ def client_factory(max_message: int, reactor) -> WebSocketServerFactory:
     factory.protocol = ClientSocket
     factory.setProtocolOptions(maxFramePayloadSize=max_message, maxMessagePayloadSize=max_message,
                                openHandshakeTimeout=0, closeHandshakeTimeout=5, perMessageCompressionAccept=None,
-                               allowedOrigins=["*"])
+                               allowedOrigins=["*"], failByDrop=False)
     factory.server = None
     factory.noisy = False
     return factory

@@ -30,7 +30,7 @@ from fwd.realtime import usage_of
 from fwd.transcripts.assembly import iso_utc
 
 DEFAULT_LIMIT = 1_048_576
-# The largest frame parsed for the transcript; larger ones (audio) count by size only.
+# The largest frame parsed for the transcript; a larger one is counted as a frame not read (`parse_error`).
 PARSE_LIMIT = 4 * 1024 * 1024
 MAX_ITEMS = 10_000
 
@@ -101,7 +101,9 @@ class SessionTranscript:
         elif kind == "conversation.item.create":
             item = event.get("item")
             if isinstance(item, dict):
-                self._add_item(self._item(item, "client"))
+                added = self._item(item, "client")
+                self.audio["client"] += added.get("audio_bytes", 0)
+                self._add_item(added)
         elif kind == "input_audio_buffer.clear":
             self._input_audio = 0
 

@@ -293,3 +293,12 @@ class DaemonProcess:
         return process.returncode
 
 
+
+
+def rss_kib(pid: int) -> int:
+    """The resident memory of a process, in KiB (from /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")

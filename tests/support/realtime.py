@@ -57,7 +57,9 @@ class _Flood:
         self.paused = False
 
     def start(self) -> None:
-        self.protocol.transport.registerProducer(self, True)
+        transport = self.protocol.transport
+        transport.unregisterProducer()  # the HTTP channel the socket came from registered itself
+        transport.registerProducer(self, True)
         self.protocol.factory.reactor.callLater(0, self._run)
 
     def _run(self) -> None:
