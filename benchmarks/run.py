@@ -20,8 +20,10 @@ alternating between the proxies so machine noise hits all of them alike:
                and added time-to-first-chunk of a stream with 0.05 s between chunks
   d. RSS       holding 2,000 concurrent open streams (1 chunk/s) -> KB per open stream
   e. slow      a client reading a 200 MB body slowly -> proxy RSS growth (backpressure)
+  f. realtime  (fwd only) the Realtime API over WebSocket, through a fresh fwd to an echo upstream
+               (benchmarks/realtime.py): added latency per frame p50/p99, and KB per session with 200 open
 
-a-c run every round; d and e run once, after the rounds (--mem-rounds to repeat).
+a-c run every round; d and e run once, after the rounds (--mem-rounds to repeat); f runs once, last.
 Everything runs on loopback, every load is bounded in time, and everything started here is stopped
 on exit, Ctrl-C or error. Temp files live in one temp dir that is removed at the end (--keep-tmp).
 """
@@ -794,7 +796,9 @@ def main(argv=None):
                     help="comma list of fwd,fwd+chat,fwd+limits,fwd+redis,reference,nginx (fwd+chat: with transcripts "
                          "on; fwd+limits: limits, a budget and usage counting on every request; fwd+redis: the same "
                          "limits shared through a local redis-server; fwd+cache-hit: answered by the response cache)")
-    ap.add_argument("--skip", default="", help="comma list of tests to skip: plain,streams,latency,mem,slow")
+    ap.add_argument("--skip", default="", help="comma list of tests to skip: plain,streams,latency,mem,slow,realtime")
+    ap.add_argument("--realtime-sessions", type=int, default=200, help="sessions held at once for f (default 200)")
+    ap.add_argument("--realtime-frames", type=int, default=2000, help="frames timed one by one for f (default 2000)")
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--fwd-cmd", help="override the fwd command; {port} {upstream} {python} are substituted")
     ap.add_argument("--fwd-env", action="append", default=[], metavar="KEY=VAL", help="extra env for fwd (repeatable)")
@@ -826,7 +830,7 @@ def main(argv=None):
         ap.error("unknown proxy %s (choose from %s)" % (bad, ", ".join(PROXIES)))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if args.profile:
-        skip |= {"mem", "slow"}  # they restart the process, which would write over the profile
+        skip |= {"mem", "slow", "realtime"}  # they restart the process, which would write over the profile
     if not shutil.which("wrk"):
         ap.error("wrk is required (apt-get install wrk)")
 
@@ -1084,6 +1088,9 @@ def main(argv=None):
                         h.get("open"), h.get("requested"), h.get("held"), _r(h.get("growth_mb"), 1),
                         _r(h.get("kb_per_stream"), 1), _r(s.get("growth_mb"), 1), _r(s.get("received_mb"), 1)))
 
+        if "realtime" not in skip and "fwd" in names:
+            results["realtime"] = realtime_section(args, tmp, procs, pin_proxy, pin_load)
+
         # fold memory rounds into the per-proxy rounds for the table
         for name, st in results["proxies"].items():
             for i, m in enumerate(st.get("mem_rounds", [])):
@@ -1121,6 +1128,17 @@ def main(argv=None):
             if st.get("failed"):
                 notes.append("%s: failed to start (%s)." % (name, st["failed"]))
         table = render(results, names, notes)
+        rt = results.get("realtime") or {}
+        if rt.get("error"):
+            table += "\n\nRealtime (f): %s" % rt["error"]
+        elif rt:
+            hold = rt.get("hold", {})
+            table += ("\n\nRealtime over WebSocket (f), fwd to an echo upstream, %d frames one at a time: round trip "
+                      "direct p50 %.3f / p99 %.3f ms, through fwd p50 %.3f / p99 %.3f ms, added per frame (both ways) "
+                      "p50 %.3f / p99 %.3f ms; %d sessions held at once: %.1f KB per session." % (
+                          rt["frames"], rt["direct_p50_ms"], rt["direct_p99_ms"], rt["proxied_p50_ms"],
+                          rt["proxied_p99_ms"], rt["added_p50_ms"], rt["added_p99_ms"], hold.get("sessions", 0),
+                          hold.get("kb_per_session", 0.0)))
         results["elapsed_s"] = round(time.monotonic() - t_start, 1)
         print(table)
         if results.get("profile"):
@@ -1145,6 +1163,40 @@ def main(argv=None):
             log("temp dir kept: %s" % tmp)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def realtime_section(args, tmp, procs, pin_proxy, pin_load):
+    """f: a fresh fwd in front of benchmarks/realtime.py's echo upstream; the figures of realtime.measure."""
+    sys.path.insert(0, str(HERE))
+    import realtime
+
+    up_port, port = free_port(), free_port()
+    upstream = Proc("realtime-upstream", [sys.executable, str(HERE / "realtime.py"), "upstream", "--port",
+                                          str(up_port)], base_env(), tmp, os.path.join(tmp, "realtime-upstream.log"),
+                    pin_load)
+    procs.append(upstream)
+    spec, err = fwd_command(args, port, up_port)
+    if err:
+        return {"error": err}
+    cmd, env = spec
+    proxy = Proc("fwd-realtime", cmd, env, tmp, os.path.join(tmp, "fwd-realtime.log"), pin_proxy)
+    procs.append(proxy)
+    deadline = time.monotonic() + args.start_timeout
+    while not http_get_ok(port, "/healthz", timeout=1.0):
+        if time.monotonic() > deadline or not proxy.alive():
+            return {"error": "fwd did not start:\n" + proxy.tail()}
+        time.sleep(0.2)
+    try:
+        found = realtime.measure(port, up_port, args.realtime_sessions, args.realtime_frames, serving_pids(proxy))
+    except Exception as e:  # a failed measurement is reported, not fatal to the run
+        found = {"error": "%s: %s" % (type(e).__name__, e)}
+    finally:
+        proxy.stop()
+        upstream.stop()
+    log("realtime: %s" % json.dumps({k: v for k, v in found.items() if k != "hold"}, default=str))
+    if "hold" in found:
+        log("realtime: %s" % json.dumps(found["hold"]))
+    return found
 
 
 def _r(v, nd=0):
