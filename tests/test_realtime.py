@@ -613,3 +613,24 @@ def deadline(seconds: float):
 def test_a_negative_chunk_size_ends_the_body():
     with deadline(0.2):
         assert dechunked(b"-64\r\nabc\r\n0\r\n\r\n") in (b"", None)
+
+
+def test_the_autobahn_names_the_session_relies_on_are_still_there():
+    """fwd.websocket and fwd.realtime_session use autobahn's protocol state beyond its callbacks: an autobahn
+    upgrade that renames one must fail here, not in a session."""
+    from autobahn.twisted.websocket import (
+        WebSocketClientProtocol,
+        WebSocketServerProtocol,
+    )
+    from autobahn.websocket import protocol
+
+    for owner in (WebSocketClientProtocol, WebSocketServerProtocol):
+        for name in ("processHandshake", "failHandshake", "dropConnection", "sendCloseFrame", "onCloseFrame",
+                     "sendMessage", "STATE_OPEN"):
+            assert hasattr(owner, name), f"{owner.__name__}.{name}"
+    assert callable(protocol.parseHttpHeader)
+    import inspect
+
+    source = inspect.getsource(protocol)  # attributes set per connection, not on the class
+    for name in ("data", "remoteCloseCode", "remoteCloseReason", "localCloseCode", "closedByMe", "wasNotCleanReason"):
+        assert f"self.{name} =" in source, name

@@ -399,3 +399,50 @@ def test_sessions_through_threads_do_not_interfere(daemon, upstream):
     for t in threads:
         t.join(30)
     assert results == [True] * 10
+
+
+def test_an_openai_realtime_client_is_served_by_an_azure_deployment(tmp_path, upstream):
+    upstream.reset()
+    (tmp_path / "gateway.toml").write_text(
+        f'check_keys = false\n[[route]]\nforward_keys = [{{ key = "{ALICE}", name = "alice" }}]\n'
+        f'[[route.upstream]]\nbase_url = "{upstream.url}"\nkind = "azure"\napi_keys = ["{POOL_A}"]\n'
+        f'api_version = "2024-10-01-preview"\ndeployments = {{ "{MODEL}" = "my-realtime" }}\n')
+    with DaemonProcess(["--config", "gateway.toml"], cwd=str(tmp_path)) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=ALICE, max_retries=0)
+        with client.realtime.connect(model=MODEL) as connection:
+            assert connection.recv().session.model == "my-realtime"
+    (handshake,) = [r for r in upstream.received() if "/realtime" in r["uri"]]
+    assert handshake["uri"] == "/openai/realtime?deployment=my-realtime&api-version=2024-10-01-preview"
+    assert header(handshake, "api-key") == POOL_A and header(handshake, "authorization") is None
+
+
+def test_an_azure_route_takes_its_clients_key_in_api_key(tmp_path, upstream):
+    upstream.reset()
+    (tmp_path / "gateway.toml").write_text(
+        f'check_keys = false\n[[route]]\nkind = "azure"\nbase_url = "{upstream.url}"\napi_keys = ["{POOL_A}"]\n'
+        f'forward_keys = [{{ key = "{ALICE}", name = "alice" }}]\n')
+    query = "api-version=2024-10-01-preview&deployment=my-realtime"
+    with DaemonProcess(["--config", "gateway.toml"], cwd=str(tmp_path)) as proxy:
+        url = proxy.url.replace("http://", "ws://") + "/openai/realtime?" + query
+        with connect(url, additional_headers={"api-key": ALICE}, proxy=None, compression=None) as ws:
+            assert events(ws, "session.created")[-1]["session"]["model"] == "my-realtime"
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, additional_headers={"api-key": "fk-realtime-nobody-00000000000001"}, proxy=None)
+        assert refused.value.response.status_code == 401
+    (handshake,) = [r for r in upstream.received() if "/realtime" in r["uri"]]
+    assert handshake["uri"] == "/openai/realtime?" + query
+    assert header(handshake, "api-key") == POOL_A
+
+
+def test_sessions_in_workers_share_the_limits(tmp_path, upstream):
+    write_config(str(tmp_path), upstream.url)
+    with DaemonProcess(["--config", "gateway.toml", "--workers", "2"], cwd=str(tmp_path)) as proxy:
+        admitted = 0
+        for _ in range(6):
+            try:
+                with browser(proxy, key=LIMITED) as ws:
+                    events(ws, "session.created")
+                    admitted += 1
+            except InvalidStatus as refused:
+                assert refused.response.status_code == 429
+    assert admitted == 2, "rpm = 2/minute across both workers"
