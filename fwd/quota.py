@@ -84,6 +84,11 @@ class Plan:
     def __bool__(self) -> bool:
         return bool(self.requests or self.tokens or self.parallel or self.budget)
 
+    def without_requests(self) -> Plan:
+        """The same limits without the request counts: what a running Realtime session meets again for each of
+        its responses (it counted as one request when it opened)."""
+        return attrs.evolve(self, requests=())
+
     def admit(self, limiter: Limiter, reserved: Reservation) -> Ticket | Refusal:
         """Admit one request of this caller on `limiter`, reserving `reserved`."""
         tokens = reserved.prompt + reserved.output

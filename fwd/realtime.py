@@ -11,6 +11,8 @@ the one that carried a key; the client gets `realtime` back when it offered it.
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import orjson
 
 from fwd.usage import Usage
@@ -23,8 +25,8 @@ HANDSHAKE_HEADERS = frozenset((
     b"sec-websocket-protocol", b"sec-websocket-accept", b"host", b"pragma", b"cache-control", b"content-length",
     b"transfer-encoding", b"expect",
 ))
-# Client events that may name the model a session runs (the beta API let `session.update` change it).
-_MODEL_EVENTS = {"session.update": "session", "response.create": "response"}
+# How deep a limited key's client event is searched for the models it names.
+MODEL_DEPTH = 64
 
 
 def tokens_of(values: list[bytes] | None) -> list[str]:
@@ -100,6 +102,19 @@ def handshake_headers(headers: list[tuple[bytes, list[bytes]]]) -> tuple[dict[st
     return out, agent, origin
 
 
+def is_origin(value: bytes) -> bool:
+    """Whether an Origin header is one a WebSocket server can read: `null`, or scheme://host[:port]."""
+    text = value.decode("latin-1").strip()
+    if text.lower() == "null":
+        return True
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme.lower() == "file" or bool(parts.hostname)
+
+
 def event_type(payload: bytes) -> str | None:
     """The `type` of a Realtime event in a text frame, or None for what is not one."""
     try:
@@ -139,27 +154,42 @@ def usage_of(response) -> Usage | None:
     return Usage(input_tokens, output_tokens, total if total is not None else input_tokens + output_tokens)
 
 
-def model_refusal(payload: bytes, allowed: frozenset[str]) -> str | None:
-    """Why a client event is refused for a key limited to `allowed` models: it names a model (in
-    `session.update`'s session or `response.create`'s response) that the key may not run.  A frame that names no
-    model, or is not an event, passes (the upstream rejects what it cannot read)."""
+def model_refusal(payload: bytes, allowed: frozenset[str], binary: bool = False) -> str | None:
+    """Why a client event is refused for a key limited to `allowed` models: somewhere in it (a `session.update`'s
+    session, its transcription settings, a `response.create`'s response, …) a member named `model` names a model
+    the key may not run.  A frame that names no model, or is not an event, passes (the upstream rejects what it
+    cannot read); a text frame that cannot be read one way only (not JSON, too deep) is refused.  A binary frame
+    is checked when it is JSON (an upstream may read it as an event)."""
     if b"model" not in payload and b"\\" not in payload:
         return None  # no member is named model, not even with escapes
     try:
         event = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return "the event is not valid JSON, so the model it names cannot be read"
-    if not isinstance(event, dict):
-        return None
-    kind = event.get("type")
-    member = _MODEL_EVENTS.get(kind) if isinstance(kind, str) else None
-    inner = event.get(member) if member is not None else None
-    if not isinstance(inner, dict) or "model" not in inner:
-        return None
-    model = inner["model"]
-    if not isinstance(model, str) or model not in allowed:
-        return f"this key may not use the model {model!r}"
+        return None if binary else "the event is not valid JSON, so the models it names cannot be read"
+    named: list = []
+    if not _models_in(event, named, 0):
+        return "the event nests too deeply to read the models it names"
+    for model in named:
+        if not isinstance(model, str) or model not in allowed:
+            return f"this key may not use the model {model!r}"
     return None
+
+
+def _models_in(value, found: list, depth: int) -> bool:
+    """Collect every value of a member named `model` in `value`; False past MODEL_DEPTH levels."""
+    if depth > MODEL_DEPTH:
+        return False
+    if isinstance(value, dict):
+        for name, inner in value.items():
+            if name == "model":
+                found.append(inner)
+            elif isinstance(inner, (dict, list)) and not _models_in(inner, found, depth + 1):
+                return False
+    elif isinstance(value, list):
+        for inner in value:
+            if isinstance(inner, (dict, list)) and not _models_in(inner, found, depth + 1):
+                return False
+    return True
 
 
 def error_event(message: str, code: str, event_id: str | None = None) -> bytes:

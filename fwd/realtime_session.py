@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import itertools
 import os
+import re
 import time
 
 from autobahn.util import encode_truncate
@@ -30,21 +31,26 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import DNSLookupError
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python import failure
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.http import HTTPChannel
+from zope.interface import implementer
 
 from fwd import errors, keys, models
 from fwd.answers import send_error
 from fwd.headers import clean_phrase, response_headers, upstream_headers
-from fwd.limits import price_for
+from fwd.limits import Refusal, price_for
 from fwd.masking import KeyMasker
+from fwd.quota import Reservation, refused
 from fwd.realtime import (
     client_event_id,
     echoed,
     error_event,
     handshake_headers,
+    is_origin,
+    model_refusal,
     offered,
     passed_on,
     response_usage,
@@ -69,7 +75,11 @@ MAX_MESSAGE = 16 * 1024 * 1024
 UID_PREFIX = os.urandom(6).hex()
 uid_counter = itertools.count()
 _TLS = BrowserLikePolicyForHTTPS()
+# What autobahn's server handshake accepts (checked before an upstream session is opened for it).
+HOST = re.compile(rb"\A(?:\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+)(?::[0-9]{1,5})?\Z")
+TOKEN = re.compile(r"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _OPEN = WebSocketProtocol.STATE_OPEN
+NOTHING_RESERVED = Reservation(0, 0)
 
 
 def credential_from_subprotocol(request, kind: str) -> errors.ProxyError | None:
@@ -98,6 +108,17 @@ def upgrade_refusal(request, forward_key, target) -> errors.ProxyError | None:
     if headers.getRawHeaders(b"sec-websocket-version") != [b"13"]:
         return errors.ProxyError(426, "Send Sec-WebSocket-Version: 13.", code="websocket_version",
                                  headers=((b"sec-websocket-version", b"13"),))
+    if b"#" in request.uri:
+        return errors.bad_request("Refused WebSocket upgrade: the target has a fragment (#).")
+    host = headers.getRawHeaders(b"host")
+    if host is None or len(host) != 1 or not HOST.match(host[0]):
+        return errors.bad_request("Refused WebSocket upgrade: send one Host header, with a numeric port if any.")
+    protocols = offered(headers.getRawHeaders(b"sec-websocket-protocol"))
+    if len(set(protocols)) != len(protocols) or not all(TOKEN.match(p) for p in protocols):
+        return errors.bad_request("Refused WebSocket upgrade: the subprotocols must be distinct tokens.")
+    origin = headers.getRawHeaders(b"origin")
+    if origin is not None and (len(origin) != 1 or not is_origin(origin[0])):
+        return errors.bad_request("Refused WebSocket upgrade: Origin is not an origin (scheme://host[:port]).")
     key = headers.getRawHeaders(b"sec-websocket-key")
     try:
         valid = key is not None and len(key) == 1 and len(base64.b64decode(key[0], validate=True)) == 16
@@ -129,10 +150,55 @@ def upstream_endpoint(reactor, factory, timeout: float):
     return endpoint
 
 
+class ReadGate:
+    """A socket's reading, paused while any side of its session asks (a count, so two asks need two resumes)."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.asks = 0
+
+    def close(self) -> None:
+        self.asks += 1
+        if self.asks == 1:
+            self.transport.pauseProducing()
+
+    def open(self) -> None:
+        if self.asks:
+            self.asks -= 1
+            if not self.asks:
+                self.transport.resumeProducing()
+
+
+@implementer(IPushProducer)
+class WhileFull:
+    """Registered on one socket's transport: while its write buffer is full, the gates stay closed."""
+
+    def __init__(self, gates: list[ReadGate]):
+        self.gates = gates
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            for gate in self.gates:
+                gate.close()
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            for gate in self.gates:
+                gate.open()
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()  # the socket is gone: the other side must read on (its close, at least)
+
+
 class RealtimeSession:
     """A client's WebSocket and its upstream's, from the first connect attempt to the last close."""
 
-    def __init__(self, gateway, active, admission, request, target, ticket, reactor):
+    def __init__(self, gateway, active, admission, request, target, ticket, reactor, plan=None):
+        """`ticket` is the session's admission by its limits (None without limits), `plan` those limits
+        (fwd.quota.Plan): a session whose caller has a token limit or a budget is charged response by response."""
         from fwd.failover import UpstreamAttempts
 
         self.gateway = gateway
@@ -168,6 +234,10 @@ class RealtimeSession:
         self.idle = None
         self.tokens = [0, 0, 0]
         self.reported = False
+        # With token limits or a budget, each response's tokens are charged when it is done and the session is
+        # admitted again (without counting a request: fwd.quota.Plan.without_requests) for the next one.
+        self.plan = plan.without_requests() if plan is not None and (plan.tokens or plan.budget) else None
+        self.charged = [0, 0, 0]  # what _charge has settled already
         self.transcript = None
         if gateway.log_chat:
             self.transcript = SessionTranscript(
@@ -181,7 +251,11 @@ class RealtimeSession:
         self.gateway.exchange_started()
         self.gateway.sessions += 1
         self.request.notifyFinish().addErrback(self._left_early)
-        self._attempt()
+        try:
+            self._attempt()
+        except Exception as e:
+            log.error("a Realtime session failed before connecting: {problem}", problem=type(e).__name__)
+            self._refuse(errors.internal())
 
     def _left_early(self, reason) -> None:
         """The client left before its upgrade was answered."""
@@ -262,8 +336,12 @@ class RealtimeSession:
 
     def _unexpected(self, reason) -> None:
         log.error("a Realtime session failed: {problem}", problem=reason.type.__name__)
-        if self.client is None and not self.done and not self.left_early:
+        if self.done or self.left_early:
+            return
+        if self.client is None:
             self._refuse(errors.internal())
+        elif not self.client.opened:
+            self.lost("client", False)
 
     def _refuse(self, error: errors.ProxyError) -> None:
         """Answer the upgrade with an error of the proxy's own."""
@@ -339,9 +417,11 @@ class RealtimeSession:
     def client_opened(self, client) -> None:
         self.status = 101
         upstream = self.upstream
-        # Each side's transport produces for the other's: a side that stops reading pauses the other's socket.
-        client.transport.registerProducer(upstream.transport, True)
-        upstream.transport.registerProducer(client.transport, True)
+        # A side whose write buffer is full stops the reading of both: the other side's frames wait in its socket,
+        # and a side that reads nothing cannot make the proxy queue answers (pongs, errors) for it.
+        gates = [ReadGate(client.transport), ReadGate(upstream.transport)]
+        client.transport.registerProducer(WhileFull(gates), True)
+        upstream.transport.registerProducer(WhileFull(gates), True)
         self.idle = self.clock.callLater(self.config.idle_timeout, self._check_idle)
         waiting, self.waiting = self.waiting, []
         for payload, binary in waiting:
@@ -354,35 +434,76 @@ class RealtimeSession:
 
     def from_client(self, payload: bytes, binary: bool) -> None:
         self.last_frame = self.clock.seconds()
-        if self.allowed is not None and not binary:
-            from fwd.realtime import model_refusal
-
-            why = model_refusal(payload, self.allowed)
+        if self.allowed is not None:
+            # Binary frames too: an upstream may read JSON in either.
+            why = model_refusal(payload, self.allowed, binary)
             if why is not None:
                 self._to_client(error_event(why, "model_not_allowed", client_event_id(payload)), False)
                 return
         if self.transcript is not None:
-            self.transcript.from_client(payload, binary)
+            self._transcribe(self.transcript.from_client, payload, binary)
         upstream = self.upstream
         if upstream is not None and upstream.state == _OPEN:
             upstream.sendMessage(payload, binary)
 
     def from_upstream(self, payload: bytes, binary: bool) -> None:
         self.last_frame = self.clock.seconds()
-        if not binary:
-            used = response_usage(payload)
-            if used is not None:
-                self.reported = True
-                tokens = self.tokens
-                tokens[0] += used.input_tokens
-                tokens[1] += used.output_tokens
-                tokens[2] += used.total_tokens
+        used = None if binary else response_usage(payload)
+        if used is not None:
+            self.reported = True
+            tokens = self.tokens
+            tokens[0] += used.input_tokens
+            tokens[1] += used.output_tokens
+            tokens[2] += used.total_tokens
         if self.transcript is not None:
-            self.transcript.from_upstream(payload, binary)
+            self._transcribe(self.transcript.from_upstream, payload, binary)
         if self.client is None or not self.client.opened:
             self.waiting.append((payload, binary))
+        else:
+            self._to_client(payload, binary)
+        if used is not None and self.plan is not None and self.ticket is not None:
+            self._charge(used)
+
+    def _transcribe(self, feed, payload: bytes, binary: bool) -> None:
+        """Feed the transcript; a frame it cannot take ends the transcript, never the session."""
+        try:
+            feed(payload, binary)
+        except Exception as e:
+            log.error("a Realtime transcript failed: {problem}; the session goes on without it",
+                      problem=type(e).__name__)
+            self.transcript = None
+
+    def _charge(self, used) -> None:
+        """Charge a response's tokens to the caller's token limits and budget, then admit the session again for
+        the next response; a caller over them gets an error event and the session closes (1008)."""
+        ticket, self.ticket = self.ticket, None
+        self.gateway.quota.settle(ticket, used.total_tokens, self._cost(used.input_tokens, used.output_tokens))
+        self.charged = [a + b for a, b in zip(self.charged, (used.input_tokens, used.output_tokens,
+                                                             used.total_tokens))]
+        deciding = self.gateway.quota.admit(self.plan, NOTHING_RESERVED)
+        if isinstance(deciding, defer.Deferred):
+            deciding.addCallback(self._readmitted).addErrback(self._unexpected)
+        else:
+            self._readmitted(deciding)
+
+    def _readmitted(self, outcome) -> None:
+        if not isinstance(outcome, (Refusal, errors.ProxyError)):
+            if self.done:
+                self.gateway.quota.release(outcome)
+            else:
+                self.ticket = outcome
             return
-        self._to_client(payload, binary)
+        if self.done:
+            return
+        error = refused(outcome) if isinstance(outcome, Refusal) else outcome
+        code = error.code or "rate_limit_exceeded"
+        log.info("Realtime session of {caller} closed: {code}", caller=self.admission.caller, code=code)
+        self._to_client(error_event(error.message, code), False)
+        self.close(code, 1008)
+
+    def _cost(self, input_tokens: int, output_tokens: int) -> float | None:
+        price = price_for(self.config.prices, self.model) if self.config.prices else None
+        return price.cost(input_tokens, output_tokens) if price is not None else None
 
     def _to_client(self, payload: bytes, binary: bool) -> None:
         client = self.client
@@ -411,6 +532,7 @@ class RealtimeSession:
             if self.upstream is not None:
                 self.upstream.dropConnection(abort=True)
             self.error = "client handshake failed"
+            self.status = 400  # autobahn answered the handshake it refused with a 400
         elif not clean or self.ended_by is None:
             other = self.upstream if side == "client" else self.client
             socket = self.client if side == "client" else self.upstream
@@ -449,16 +571,17 @@ class RealtimeSession:
         """Whether the session still holds a connection (a graceful shutdown waits for it to close)."""
         return not self.done
 
-    def close(self, why: str = "server shutting down") -> None:
-        """Close both sides with 1001 (an idle session, a graceful shutdown)."""
+    def close(self, why: str = "server shutting down", code: int = 1001) -> None:
+        """Close both sides with `code`: 1001 for an idle session or a graceful shutdown, 1008 for a caller over
+        its limits."""
         self.error = self.error or why
         if self.ended_by is None:
-            self.ended_by = ("proxy", 1001, why)
+            self.ended_by = ("proxy", code, why)
             if self.transcript is not None:
-                self.transcript.closed("proxy", 1001, why)
+                self.transcript.closed("proxy", code, why)
         for side in (self.client, self.upstream):
             if side is not None and side.state == _OPEN:
-                close(side, 1001, why)
+                close(side, code, why)
 
     # -- the end -----------------------------------------------------------------------------------------------
 
@@ -477,13 +600,14 @@ class RealtimeSession:
             input_tokens, output_tokens, total = self.tokens
             used = {"input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": total,
                     "estimated": False}
-            price = price_for(self.config.prices, self.model) if self.config.prices else None
-            cost = price.cost(input_tokens, output_tokens) if price is not None else None
+            cost = self._cost(input_tokens, output_tokens)
         if self.ticket is not None:
-            if used is not None:
-                gateway.quota.settle(self.ticket, used["total_tokens"], cost)
+            left = [a - b for a, b in zip(self.tokens, self.charged)]
+            if self.reported:
+                gateway.quota.settle(self.ticket, left[2], self._cost(left[0], left[1]))
             else:
                 gateway.quota.release(self.ticket)
+            self.ticket = None
         if self.transcript is not None and self.status:
             try:
                 emit(Ended(self.transcript, partial=partial, error=error, latency_ms=(now - self.started) * 1000,

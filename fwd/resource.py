@@ -174,14 +174,14 @@ class ForwardResource(Resource):
             return
         terms = self.gateway.terms(active, admission, b"GET", target.path)
         if not terms.plan:
-            self._open_session(None, request, active, admission, target)
+            self._open_session(None, request, active, admission, target, None)
             return
         deciding = self.gateway.quota.admit(terms.plan, NOTHING_RESERVED)
         if isinstance(deciding, defer.Deferred):
             deciding.addErrback(self._undecided)
-        self._when(deciding, request, self._open_session, request, active, admission, target)
+        self._when(deciding, request, self._open_session, request, active, admission, target, terms.plan)
 
-    def _open_session(self, ticket, request, active, admission, target) -> None:
+    def _open_session(self, ticket, request, active, admission, target, plan) -> None:
         if isinstance(ticket, Refusal):
             request.limited = ticket.reason
             send_error(request, refused(ticket))
@@ -195,7 +195,7 @@ class ForwardResource(Resource):
             return
         from twisted.internet import reactor
 
-        RealtimeSession(self.gateway, active, admission, request, target, ticket, reactor).start()
+        RealtimeSession(self.gateway, active, admission, request, target, ticket, reactor, plan).start()
 
 
 class HealthResource(Resource):

@@ -31,6 +31,29 @@ txaio.set_global_log_level("warn")
 
 HEAD_LIMIT = 64 * 1024
 REFUSAL_LIMIT = 64 * 1024
+# The most frames one message may come in: autobahn keeps each fragment until the message ends, so a message of
+# one-byte fragments would cost several times its size (and a Python call per byte).
+MAX_FRAGMENTS = 256
+
+
+class Bounded:
+    """What both sockets of a session add to autobahn's: a message in too many fragments closes the connection
+    with 1009, as one past the size limit does."""
+
+    fragments = 0
+
+    def onMessageBegin(self, isBinary):
+        self.fragments = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length):
+        self.fragments += 1
+        if self.fragments > MAX_FRAGMENTS and not self.failedByMe:
+            self.failedByMe = True
+            self.sendCloseFrame(1009, b"a message in more than %d fragments" % MAX_FRAGMENTS)
+            self.dropConnection(abort=False)
+            return
+        super().onMessageFrameBegin(length)
 
 
 class Refused(Exception):
@@ -107,7 +130,7 @@ def refusal_in(data: bytes, closed: bool):
                    body[:REFUSAL_LIMIT])
 
 
-class UpstreamSocket(WebSocketClientProtocol):
+class UpstreamSocket(Bounded, WebSocketClientProtocol):
     """The session's connection to the upstream."""
 
     session = None
@@ -187,7 +210,7 @@ class UpstreamFactory(WebSocketClientFactory):
             self.built.transport.abortConnection()
 
 
-class ClientSocket(WebSocketServerProtocol):
+class ClientSocket(Bounded, WebSocketServerProtocol):
     """The session's connection to its client, once the upgrade is accepted."""
 
     session = None

@@ -227,8 +227,29 @@ def test_a_model_named_with_an_escaped_member_name_is_refused_too():
     assert model_refusal(payload, ALLOWED) is not None
 
 
-def test_an_event_whose_type_is_not_a_string_passes():
-    assert model_refusal(b'{"type":["session.update"],"model":"x"}', ALLOWED) is None
+def test_a_model_anywhere_in_an_event_is_checked_whatever_its_type():
+    assert model_refusal(b'{"type":["session.update"],"model":"x"}', ALLOWED) is not None
+    assert model_refusal(b'{"type":["session.update"],"model":"gpt-realtime-mini"}', ALLOWED) is None
+
+
+@pytest.mark.parametrize("payload", [
+    event(type="session.update", session={"input_audio_transcription": {"model": "whisper-1"}}),
+    event(type="session.update", session={"audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}}}),
+    event(type="transcription_session.update", session={"input_audio_transcription": {"model": "whisper-1"}}),
+])
+def test_a_transcription_model_is_a_model_the_key_makes_the_upstream_run(payload):
+    assert model_refusal(payload, ALLOWED) is not None
+
+
+def test_binary_frames_are_checked_when_they_are_json_and_pass_when_they_are_audio():
+    json_event = event(type="session.update", session={"model": "gpt-realtime"})
+    assert model_refusal(json_event, ALLOWED, binary=True) is not None
+    assert model_refusal(b"\x00model\\\xff" * 10, ALLOWED, binary=True) is None
+
+
+def test_an_event_nested_too_deeply_to_read_is_refused():
+    deep = b'{"type":"session.update","session":' + b'{"a":' * 100 + b'1' + b'}' * 100 + b'}'
+    assert model_refusal(deep.replace(b'"a"', b'"model_x"', 1), ALLOWED) is not None
 
 
 def test_an_error_event_has_the_realtime_error_shape():

@@ -174,6 +174,7 @@ def test_rpm_and_max_parallel_refuse_with_429_and_openai_headers(daemon, upstrea
     for _ in range(2):
         with browser(daemon, key=LIMITED) as ws:
             events(ws, "session.created")
+    assert wait_for(lambda: health(daemon)["sessions"] == 0)
     status, headers, body = refusal(daemon, key=LIMITED)
     assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
     assert int(headers["retry-after"]) >= 1 and headers["x-ratelimit-limit-requests"] == "2"
@@ -182,6 +183,7 @@ def test_rpm_and_max_parallel_refuse_with_429_and_openai_headers(daemon, upstrea
         status, _, body = refusal(daemon, key=SERIAL)
         assert status == 429 and "at once" in body["error"]["message"]
     # The slot came back when the first session ended.
+    assert wait_for(lambda: health(daemon)["sessions"] == 0)
     with browser(daemon, key=SERIAL) as again:
         events(again, "session.created")
 
@@ -446,3 +448,137 @@ def test_sessions_in_workers_share_the_limits(tmp_path, upstream):
             except InvalidStatus as refused:
                 assert refused.response.status_code == 429
     assert admitted == 2, "rpm = 2/minute across both workers"
+
+
+# --- hostile clients ----------------------------------------------------------------------------------------------
+
+def raw_handshake(port: int, target: str, headers: dict[str, str], host: str | None = None):
+    """A WebSocket handshake written by hand (what a hostile client sends): the socket, and the answer's head."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    lines = [f"GET {target} HTTP/1.1"]
+    if host is not None:
+        lines.append(f"Host: {host}")
+    lines += ["Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Version: 13",
+              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="] + [f"{k}: {v}" for k, v in headers.items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return sock, head
+
+
+def health(daemon) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(daemon.url + "/healthz", timeout=5) as answer:
+        return json.loads(answer.read())
+
+
+def masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    head = bytes([(0x80 if fin else 0) | opcode])
+    size = len(payload)
+    if size < 126:
+        head += bytes([0x80 | size])
+    else:
+        head += bytes([0x80 | 126]) + size.to_bytes(2, "big")
+    mask = b"\x01\x02\x03\x04"
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_handshakes_the_websocket_side_would_refuse_are_refused_before_the_upstream_is_asked(daemon, upstream):
+    port = daemon.ports[0]
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    host = f"127.0.0.1:{port}"
+    cases = [
+        ("/v1/realtime#frag?model=gpt-realtime", auth, host),  # a fragment: the upstream URL cannot hold it
+        ("/v1/realtime?model=gpt-realtime", auth, None),  # no Host
+        ("/v1/realtime?model=gpt-realtime", auth, "127.0.0.1:abc"),
+        ("/v1/realtime?model=gpt-realtime", {**auth, "Sec-WebSocket-Protocol": "realtime, realtime"}, host),
+        ("/v1/realtime?model=gpt-realtime", {**auth, "Origin": "http://"}, host),
+    ]
+    for target, headers, host_header in cases:
+        sock, answer = raw_handshake(port, target, headers, host_header)
+        sock.close()
+        assert answer.split(b" ", 2)[1] == b"400", (target, headers, host_header, answer[:100])
+    assert handshakes(upstream) == []
+    assert wait_for(lambda: (lambda h: h if h["in_flight"] == 0 and h["sessions"] == 0 else None)(health(daemon)))
+
+
+def test_a_message_in_too_many_fragments_closes_the_session_with_1009(daemon, upstream):
+    with browser(daemon) as ws:
+        events(ws, "session.created")
+        with pytest.raises(ConnectionClosed):
+            ws.send(iter([b"x"] * 300))
+            while True:
+                ws.recv(timeout=10)
+        assert ws.close_code == 1009
+    assert fake_realtime(upstream)["client_frames"] == 0
+
+
+def test_a_client_that_pings_without_reading_is_paused_not_buffered(daemon, upstream):
+    port = daemon.ports[0]
+    pid = daemon.process.pid
+    sock, answer = raw_handshake(port, f"/v1/realtime?model={MODEL}", {"Authorization": f"Bearer {ALICE}"},
+                                 f"127.0.0.1:{port}")
+    assert b" 101 " in answer.split(b"\r\n")[0]
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(0.5)
+    before = rss_kib(pid)
+    ping = masked(0x9, b"p" * 125)
+    sent = 0
+    deadline = time.monotonic() + 3
+    try:
+        while time.monotonic() < deadline and sent < 64 * 1024 * 1024:
+            sock.sendall(ping * 64)
+            sent += len(ping) * 64
+    except (TimeoutError, OSError):
+        pass  # the proxy stopped reading: the send buffers are full
+    grown = rss_kib(pid) - before
+    sock.close()
+    print(f"\npings sent by a client that reads nothing: {sent // 1024} KiB before the proxy stopped reading; "
+          f"proxy RSS grew {grown} KiB")
+    assert sent < 32 * 1024 * 1024 and grown < 16 * 1024
+
+
+def test_a_session_that_spends_the_budget_is_closed_after_the_response(daemon, upstream):
+    with browser(daemon, key=THRIFTY) as ws:
+        events(ws, "session.created")
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "one two three"}]}}))
+        ws.send(json.dumps({"type": "response.create"}))
+        done = events(ws, "response.done")[-1]
+        assert done["response"]["usage"]["total_tokens"] == 7  # the response came whole
+        error = json.loads(ws.recv(timeout=10))
+        assert error["type"] == "error" and error["error"]["code"] == "insufficient_quota"
+        with pytest.raises(ConnectionClosed):
+            while True:
+                ws.recv(timeout=10)
+        assert ws.close_code == 1008
+
+
+def test_a_limited_key_cannot_name_another_model_in_a_binary_frame_or_a_transcription(daemon, upstream):
+    with browser(daemon, key=LIMITED) as ws:
+        events(ws, "session.created")
+        for frame in (json.dumps({"type": "session.update", "session": {"model": "gpt-4o-realtime-preview"}}).encode(),
+                      json.dumps({"type": "session.update",
+                                  "session": {"input_audio_transcription": {"model": "whisper-1"}}})):
+            ws.send(frame)
+            answer = json.loads(ws.recv(timeout=10))
+            assert answer["type"] == "error" and answer["error"]["code"] == "model_not_allowed"
+    assert fake_realtime(upstream)["client_frames"] == 0
+
+
+def test_a_deeply_nested_event_does_not_break_a_transcribed_session(daemon, upstream, tmp_path):
+    deep = '{"type":"session.update","session":{"instructions":"deep","metadata":' + '{"a":' * 300 + '1' \
+           + '}' * 300 + '}}'
+    with browser(daemon) as ws:
+        events(ws, "session.created")
+        ws.send(deep)
+        events(ws, "session.updated")
+        ws.send(json.dumps({"type": "response.create"}))
+        events(ws, "response.done")
+    (record,) = wait_for(lambda: transcripts(tmp_path))
+    assert record["truncated"] is True and record["usage"]["total_tokens"] > 0

@@ -33,6 +33,7 @@ DEFAULT_LIMIT = 1_048_576
 # The largest frame parsed for the transcript; a larger one is counted as a frame not read (`parse_error`).
 PARSE_LIMIT = 4 * 1024 * 1024
 MAX_ITEMS = 10_000
+MAX_ERRORS = 100
 
 _TEXT_DELTAS = ("response.text.delta", "response.output_text.delta")
 _TRANSCRIPT_DELTAS = ("response.audio_transcript.delta", "response.output_audio_transcript.delta")
@@ -163,7 +164,7 @@ class SessionTranscript:
             found = self._find_item(event.get("item_id"))
             if found is not None:
                 self._append(found, "transcript", event.get("transcript"))
-        elif kind == "error":
+        elif kind == "error" and len(self.errors) < MAX_ERRORS:
             self.errors.append(self._kept(event.get("error")))
 
     def _event(self, payload: bytes, binary: bool, side: str) -> dict | None:
@@ -183,6 +184,9 @@ class SessionTranscript:
     def _response(self, response_id: object) -> dict:
         key = str(response_id)
         answer = self.responses.get(key)
+        if answer is None and len(self.responses) >= MAX_ITEMS:
+            self.truncated = True
+            return {}  # fed and forgotten
         if answer is None:
             answer = self.responses[key] = {"from": "upstream", "role": "assistant", "type": "response",
                                             "response_id": response_id}
@@ -235,7 +239,11 @@ class SessionTranscript:
         """A configuration or error object, as it came when it is small, else cut to the record's limit."""
         if value is None:
             return None
-        size = len(orjson.dumps(value))
+        try:
+            size = len(orjson.dumps(value))
+        except (TypeError, orjson.JSONEncodeError):
+            self.truncated = True  # nested past what the encoder takes
+            return None
         if size > self.text_left:
             self.truncated = True
             return None

@@ -474,9 +474,12 @@ class FakeUpstream(Resource):
         }
 
     def reset(self) -> None:
-        """Forget recorded requests and disconnects."""
+        """Forget recorded requests, disconnects and Realtime figures."""
         self.received.clear()
         self.disconnects = 0
+        from tests.support.realtime import Stats
+
+        self.realtime.stats = Stats()
 
     def set_keys(self, changes: Mapping[str, Any]) -> None:
         """Apply C{{key: {"status": int, "retry_after": float|None} | None}}; None removes the key."""
