@@ -49,9 +49,10 @@ class Bounded:
     def onMessageFrameBegin(self, length):
         self.fragments += 1
         if self.fragments > MAX_FRAGMENTS and not self.failedByMe:
+            # As autobahn fails a message past the size limit: nothing more is kept, the close handshake runs
+            # (dropping the connection at once could reset it before the client read why).
             self.failedByMe = True
             self.sendCloseFrame(1009, b"a message in more than %d fragments" % MAX_FRAGMENTS)
-            self.dropConnection(abort=False)
             return
         super().onMessageFrameBegin(length)
 
