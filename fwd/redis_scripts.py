@@ -8,6 +8,9 @@ reservation by the real usage, or keeps it (release).  Time is the instance's cl
 rate states keep sub-microsecond precision in Lua's doubles (see fwd.limits); instances' clocks are expected to
 agree (NTP), an error of a few milliseconds moving a limit by that much.
 
+ADMIT and SETTLE take their arguments as one string of space-separated words (ARGV[1]) and ADMIT answers with
+one such string: a client encodes and parses one value instead of forty (txredisapi spends about 2 µs on each).
+
 Keys (PREFIX "fwd:"; names are limit ids of route prefixes and forward-key names, never a key):
     fwd:rate:<limit id>                    the limit's TAT, seconds since EPOCH; expires once drained
     fwd:par:<limit id>                     ZSET ticket -> lease deadline: requests in flight
@@ -41,15 +44,17 @@ EPOCH = 1_767_225_600.0
 LEASE_SECONDS = 900.0
 
 ADMIT = r"""
-local now = tonumber(ARGV[1])
-local n_rates, n_par, has_budget = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local lease_until = now + tonumber(ARGV[5])
+local A = {}
+for word in string.gmatch(ARGV[1], '%S+') do A[#A + 1] = word end
+local now = tonumber(A[1])
+local n_rates, n_par, has_budget = tonumber(A[2]), tonumber(A[3]), tonumber(A[4])
+local lease_until = now + tonumber(A[5])
 local a = 6
 local out = {}
 local rates_ok, never, wait, failed = true, nil, -1, nil
 local new_tats = {}
 for i = 1, n_rates do
-  local limit, period, cost = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local limit, period, cost = tonumber(A[a]), tonumber(A[a + 1]), tonumber(A[a + 2])
   a = a + 3
   local emission = period / limit
   local tat = tonumber(redis.call('GET', KEYS[i])) or now
@@ -89,16 +94,16 @@ for i = 1, n_rates do
   end
   if remaining > limit then remaining = limit end
   out[#out + 1] = allowed
-  out[#out + 1] = remaining
+  out[#out + 1] = string.format('%d', remaining)
   out[#out + 1] = string.format('%.17g', reset)
-  out[#out + 1] = standing
+  out[#out + 1] = string.format('%d', standing)
   out[#out + 1] = string.format('%.17g', lag)
 end
 local k = n_rates
 local par_ok, par_failed = true, nil
 for i = 1, n_par do
   local key = KEYS[k + i]
-  local cap = tonumber(ARGV[a])
+  local cap = tonumber(A[a])
   a = a + 1
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   if redis.call('ZCARD', key) >= cap then
@@ -110,8 +115,8 @@ k = k + n_par
 local budget_ok, used_t, used_c, held_t, held_c = true, 0, 0, 0, 0
 local want_t, want_c = 0, 0
 if has_budget == 1 then
-  local tokens_limit, cost_limit = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  want_t, want_c = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local tokens_limit, cost_limit = tonumber(A[a]), tonumber(A[a + 1])
+  want_t, want_c = tonumber(A[a + 2]), tonumber(A[a + 3])
   a = a + 4
   local used = redis.call('HMGET', KEYS[k + 1], 'ut', 'uc')
   used_t, used_c = tonumber(used[1]) or 0, tonumber(used[2]) or 0
@@ -148,27 +153,29 @@ else
   end
   for i = 1, n_par do
     redis.call('ZADD', KEYS[n_rates + i], lease_until, ticket)
-    redis.call('PEXPIRE', KEYS[n_rates + i], math.ceil(tonumber(ARGV[5]) * 1000))
+    redis.call('PEXPIRE', KEYS[n_rates + i], math.ceil(tonumber(A[5]) * 1000))
   end
   if has_budget == 1 then
-    local ttl = tonumber(ARGV[a])
-    redis.call('ZADD', KEYS[k + 2], lease_until, ticket .. ':' .. ARGV[a + 1])
+    local ttl = tonumber(A[a])
+    redis.call('ZADD', KEYS[k + 2], lease_until, ticket .. ':' .. A[a + 1])
     redis.call('EXPIRE', KEYS[k + 1], ttl)
     redis.call('EXPIRE', KEYS[k + 2], ttl)
   end
   head = {'ok', ticket}
 end
 for _, v in ipairs(out) do head[#head + 1] = v end
-return head
+return table.concat(head, ' ')
 """
 
 SETTLE = r"""
-local now = tonumber(ARGV[1])
-local n_tok, n_par, has_budget = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local ticket = ARGV[5]
+local A = {}
+for word in string.gmatch(ARGV[1], '%S+') do A[#A + 1] = word end
+local now = tonumber(A[1])
+local n_tok, n_par, has_budget = tonumber(A[2]), tonumber(A[3]), tonumber(A[4])
+local ticket = A[5]
 local a = 6
 for i = 1, n_tok do
-  local emission, reserved, actual = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local emission, reserved, actual = tonumber(A[a]), tonumber(A[a + 1]), tonumber(A[a + 2])
   a = a + 3
   local tat = tonumber(redis.call('GET', KEYS[i])) or now
   local base = tat
@@ -185,7 +192,7 @@ for i = 1, n_par do
 end
 if has_budget == 1 then
   local k = n_tok + n_par
-  local member, actual_t, actual_c = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local member, actual_t, actual_c = A[a], tonumber(A[a + 1]), tonumber(A[a + 2])
   -- A reservation whose lease ran out, or whose period has gone, is no longer counted: nor is its usage.
   if redis.call('ZREM', KEYS[k + 2], member) == 1 then
     if actual_t ~= 0 then redis.call('HINCRBYFLOAT', KEYS[k + 1], 'ut', actual_t) end
@@ -313,11 +320,12 @@ def admit_call(plan, tokens: int, cost: float, unix: float, lease: float = LEASE
         ]
     keys.append(PREFIX + "ticket")
     head = [_number(unix - EPOCH), str(len(rates)), str(len(plan.parallel)), "1" if has_budget else "0", _number(lease)]
-    return AdmitCall(keys, head + args, plan, spend, unix)
+    return AdmitCall(keys, [" ".join(head + args)], plan, spend, unix)
 
 
-def admit_result(call: AdmitCall, reply: list):
+def admit_result(call: AdmitCall, reply):
     """The RedisTicket or the Refusal an ADMIT reply means (fwd.limits's own classes, for the same headers)."""
+    reply = reply.split()
     verdict = _text(reply[0])
     plan = call.plan
     rates = plan.demand.rates
@@ -378,7 +386,7 @@ def settle_call(ticket: RedisTicket, tokens: int | None, cost: float | None, uni
     if ticket.budget_keys:
         keys += list(ticket.budget_keys)
         args += [ticket.budget_member, str(actual_tokens), _number(actual_cost)]
-    return keys, args
+    return keys, [" ".join(args)]
 
 
 def reservation_text(spend: Spend) -> str:

@@ -33,7 +33,7 @@ class FakeRedis:
         self.hashes: dict[str, dict] = {}
         self.published = []
         self.scripts_lost = False
-        self.evalsha_reply = ["ok", 1]
+        self.evalsha_reply = "ok 1"
 
     def _reply(self, value):
         if self.mode == "hang":
@@ -177,7 +177,7 @@ def test_scripts_redis_lost_are_loaded_again_and_the_call_goes_through():
     shared = shared_on(clock, fake)
     shared.startService()
     fake.scripts_lost = True
-    assert outcome(shared.run("settle", ["k"], ["1"])) == ["ok", 1]
+    assert outcome(shared.run("settle", ["k"], ["1"])) == "ok 1"
     assert shared.up
 
 
@@ -213,12 +213,12 @@ def test_a_shared_ticket_is_settled_in_redis_and_a_local_one_locally():
     limiter = Limiter(clock)
     quota = RedisQuota(shared, LocalQuota(limiter), clock)
     plan = limited_plan()
-    fake.evalsha_reply = ["ok", 7, 1, 1, "30", 2, "0"]
+    fake.evalsha_reply = "ok 7 1 1 30 2 0"
     ticket = outcome(quota.admit(plan, Reservation(1, 0)))
     assert isinstance(ticket, RedisTicket) and ticket.number == 7
     assert dict(ticket.headers())[b"x-ratelimit-remaining-requests"] == b"1"
     quota.settle(ticket, 10, None)
-    assert fake.calls[-1][0] == "evalsha" and fake.calls[-1][3][4] == "7"
+    assert fake.calls[-1][0] == "evalsha" and fake.calls[-1][3][0].split()[4] == "7"
     fake.mode = "hang"
     deciding = watch(quota.admit(plan, Reservation(1, 0)))
     clock.advance(0.1)
