@@ -2,8 +2,8 @@
 back on this instance's own Limiter while Redis cannot be asked.  Tests: tests/test_shared.py,
 tests/test_redis_e2e.py
 
-One admission is one call of the ADMIT script (fwd.redis_scripts); its end is one SETTLE, sent without waiting
-for it.  With REDIS_FAILURE=open (the default) a request that cannot be decided in Redis is decided by the local
+One admission is one call of the ADMIT script (fwd.redis_scripts); its end is part of one SETTLE call that ends
+every ticket of the same reactor turn (at most SETTLE_BATCH), sent without waiting for it.  With REDIS_FAILURE=open (the default) a request that cannot be decided in Redis is decided by the local
 Limiter, so no client sees Redis trouble (the limits then hold per instance); with closed it gets 503 and
 nothing is forwarded.  Either way no request waits on Redis longer than REDIS_TIMEOUT.
 """
@@ -14,10 +14,18 @@ from twisted.logger import Logger
 
 from fwd import errors
 from fwd.quota import LocalQuota, Plan, Reservation
-from fwd.redis_scripts import RedisTicket, admit_call, admit_result, settle_call
+from fwd.redis_scripts import (
+    RedisTicket,
+    admit_call,
+    admit_result,
+    settle_many,
+    settle_record,
+)
 from fwd.shared import RedisUnavailable, SharedState
 
 log = Logger(namespace="fwd.quota")
+# The most tickets one SETTLE call ends.
+SETTLE_BATCH = 64
 
 
 class RedisQuota:
@@ -27,6 +35,8 @@ class RedisQuota:
         self.shared = shared
         self.local = local
         self.clock = clock
+        self.settling: list[tuple[list, list]] = []
+        self.flush_call = None
 
     @property
     def limiter(self):
@@ -63,7 +73,20 @@ class RedisQuota:
             self.local.release(ticket)
 
     def _end(self, ticket: RedisTicket, tokens: int | None, cost: float | None) -> None:
-        keys, args = settle_call(ticket, tokens, cost, self.clock.seconds())
+        self.settling.append(settle_record(ticket, tokens, cost))
+        if len(self.settling) >= SETTLE_BATCH:
+            self.flush()
+        elif self.flush_call is None:
+            self.flush_call = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Send the settlements waiting, in one SETTLE call."""
+        if self.flush_call is not None and self.flush_call.active():
+            self.flush_call.cancel()
+        self.flush_call = None
+        records, self.settling = self.settling, []
+        if not records:
+            return
+        keys, args = settle_many(records, self.clock.seconds())
         # Not waited for: a settlement lost to Redis trouble leaves the reservation standing until its lease ends.
         self.shared.run("settle", keys, args).addErrback(lambda reason: reason.trap(RedisUnavailable))
-

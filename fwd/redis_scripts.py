@@ -8,6 +8,7 @@ reservation by the real usage, or keeps it (release).  Time is the instance's cl
 rate states keep sub-microsecond precision in Lua's doubles (see fwd.limits); instances' clocks are expected to
 agree (NTP), an error of a few milliseconds moving a limit by that much.
 
+SETTLE ends any number of tickets in one call (an instance sends the settlements of one reactor turn together).
 ADMIT and SETTLE take their arguments as one string of space-separated words (ARGV[1]) and ADMIT answers with
 one such string: a client encodes and parses one value instead of forty (txredisapi spends about 2 µs on each).
 
@@ -171,35 +172,42 @@ SETTLE = r"""
 local A = {}
 for word in string.gmatch(ARGV[1], '%S+') do A[#A + 1] = word end
 local now = tonumber(A[1])
-local n_tok, n_par, has_budget = tonumber(A[2]), tonumber(A[3]), tonumber(A[4])
-local ticket = A[5]
-local a = 6
-for i = 1, n_tok do
-  local emission, reserved, actual = tonumber(A[a]), tonumber(A[a + 1]), tonumber(A[a + 2])
-  a = a + 3
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
-  local base = tat
-  if base < now then base = now end
-  local new = base + (actual - reserved) * emission
-  if new > now then
-    redis.call('SET', KEYS[i], string.format('%.17g', new), 'PX', math.ceil((new - now) * 1000) + 1000)
-  else
-    redis.call('DEL', KEYS[i])
+local a, k, settled = 2, 0, 0
+while a <= #A do
+  local n_tok, n_par, has_budget = tonumber(A[a]), tonumber(A[a + 1]), tonumber(A[a + 2])
+  local ticket = A[a + 3]
+  a = a + 4
+  for i = 1, n_tok do
+    local emission, reserved, actual = tonumber(A[a]), tonumber(A[a + 1]), tonumber(A[a + 2])
+    a = a + 3
+    local key = KEYS[k + i]
+    local tat = tonumber(redis.call('GET', key)) or now
+    local base = tat
+    if base < now then base = now end
+    local new = base + (actual - reserved) * emission
+    if new > now then
+      redis.call('SET', key, string.format('%.17g', new), 'PX', math.ceil((new - now) * 1000) + 1000)
+    else
+      redis.call('DEL', key)
+    end
   end
-end
-for i = 1, n_par do
-  redis.call('ZREM', KEYS[n_tok + i], ticket)
-end
-if has_budget == 1 then
-  local k = n_tok + n_par
-  local member, actual_t, actual_c = A[a], tonumber(A[a + 1]), tonumber(A[a + 2])
-  -- A reservation whose lease ran out, or whose period has gone, is no longer counted: nor is its usage.
-  if redis.call('ZREM', KEYS[k + 2], member) == 1 then
-    if actual_t ~= 0 then redis.call('HINCRBYFLOAT', KEYS[k + 1], 'ut', actual_t) end
-    if actual_c ~= 0 then redis.call('HINCRBYFLOAT', KEYS[k + 1], 'uc', actual_c) end
+  for i = 1, n_par do
+    redis.call('ZREM', KEYS[k + n_tok + i], ticket)
   end
+  k = k + n_tok + n_par
+  if has_budget == 1 then
+    local member, actual_t, actual_c = A[a], tonumber(A[a + 1]), tonumber(A[a + 2])
+    a = a + 3
+    -- A reservation whose lease ran out, or whose period has gone, is no longer counted: nor is its usage.
+    if redis.call('ZREM', KEYS[k + 2], member) == 1 then
+      if actual_t ~= 0 then redis.call('HINCRBYFLOAT', KEYS[k + 1], 'ut', actual_t) end
+      if actual_c ~= 0 then redis.call('HINCRBYFLOAT', KEYS[k + 1], 'uc', actual_c) end
+    end
+    k = k + 2
+  end
+  settled = settled + 1
 end
-return 1
+return settled
 """
 
 USAGE = r"""
@@ -374,19 +382,35 @@ def _looking(outcomes: tuple) -> tuple:
 
 
 def settle_call(ticket: RedisTicket, tokens: int | None, cost: float | None, unix: float) -> tuple[list, list]:
-    """The SETTLE call ending a ticket with its real usage (`tokens` None: the reservation stands as the charge)."""
+    """The SETTLE call ending one ticket with its real usage (`tokens` None: the reservation stands as the charge)."""
+    keys, words = settle_record(ticket, tokens, cost)
+    return keys, [" ".join([_number(unix - EPOCH), *words])]
+
+
+def settle_record(ticket: RedisTicket, tokens: int | None, cost: float | None) -> tuple[list, list]:
+    """One ticket's part of a SETTLE call: its keys and its words (several tickets go in one call, `settle_many`)."""
     reserved = ticket.reserved
     actual_tokens = reserved.tokens if tokens is None else max(0, tokens)
     actual_cost = reserved.cost if cost is None else max(0.0, cost)
     keys = list(ticket.tokens_keys) + list(ticket.parallel_keys)
-    args = [_number(unix - EPOCH), str(len(ticket.tokens_keys)), str(len(ticket.parallel_keys)),
-            "1" if ticket.budget_keys else "0", str(ticket.number)]
+    words = [str(len(ticket.tokens_keys)), str(len(ticket.parallel_keys)), "1" if ticket.budget_keys else "0",
+             str(ticket.number)]
     for emission in ticket.emissions:
-        args += [_number(emission), str(reserved.tokens), str(actual_tokens)]
+        words += [_number(emission), str(reserved.tokens), str(actual_tokens)]
     if ticket.budget_keys:
         keys += list(ticket.budget_keys)
-        args += [ticket.budget_member, str(actual_tokens), _number(actual_cost)]
-    return keys, [" ".join(args)]
+        words += [ticket.budget_member, str(actual_tokens), _number(actual_cost)]
+    return keys, words
+
+
+def settle_many(records: list[tuple[list, list]], unix: float) -> tuple[list, list]:
+    """One SETTLE call ending several tickets (their `settle_record`s), in order."""
+    keys: list = []
+    words = [_number(unix - EPOCH)]
+    for record_keys, record_words in records:
+        keys += record_keys
+        words += record_words
+    return keys, [" ".join(words)]
 
 
 def reservation_text(spend: Spend) -> str:
@@ -398,5 +422,5 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-__all__ = ["ADMIT", "SETTLE", "RedisTicket", "admit_call", "admit_result", "settle_call", "retry_after_header",
-           "BudgetRule"]
+__all__ = ["ADMIT", "SETTLE", "RedisTicket", "admit_call", "admit_result", "settle_call", "settle_many",
+           "settle_record", "retry_after_header", "BudgetRule"]

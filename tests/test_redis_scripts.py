@@ -20,6 +20,8 @@ from fwd.redis_scripts import (
     admit_call,
     admit_result,
     settle_call,
+    settle_many,
+    settle_record,
 )
 
 NOW = 1_796_000_000.0  # 2026-11-30
@@ -40,6 +42,11 @@ class Scripts:
     def settle(self, ticket: RedisTicket, tokens, cost, unix: float) -> None:
         keys, args = settle_call(ticket, tokens, cost, unix)
         self.client.evalsha(self.settle_sha, len(keys), *keys, *args)
+
+    def settle_together(self, endings: list, unix: float) -> int:
+        """Several tickets ended in one SETTLE call, as an instance sends the settlements of one reactor turn."""
+        keys, args = settle_many([settle_record(ticket, tokens, cost) for ticket, tokens, cost in endings], unix)
+        return self.client.evalsha(self.settle_sha, len(keys), *keys, *args)
 
 
 @pytest.fixture
@@ -96,8 +103,10 @@ def test_ten_a_second_admits_ten_at_once_then_one_each_tenth_the_same_as_in_memo
     assert not isinstance(shared, Refusal)
 
 
-def test_a_random_day_of_a_team_decides_alike_in_redis_and_in_memory(scripts):
-    """Rates of the key and the route, tokens settled with real usage, a parallel cap and a token budget."""
+@pytest.mark.parametrize("together", [1, 3])
+def test_a_random_day_of_a_team_decides_alike_in_redis_and_in_memory(scripts, together):
+    """Rates of the key and the route, tokens settled with real usage (one ticket per SETTLE call, or up to three
+    in one), a parallel cap and a token budget."""
     plan = plan_of(
         route_limits=config.Limits(rpm=Rate(30, 60.0)),
         rpm=Rate(12, 10.0), tpm=Rate(5000, 60.0), max_parallel=3,
@@ -111,15 +120,21 @@ def test_a_random_day_of_a_team_decides_alike_in_redis_and_in_memory(scripts):
     for step in range(400):
         unix += rng.choice([0.0, 0.0, 0.05, 0.3, 1.0, 4.0])
         if open_tickets and rng.random() < 0.3:
-            local_ticket, shared_ticket = open_tickets.pop(rng.randrange(len(open_tickets)))
             clock.advance(unix - clock.seconds())
-            if rng.random() < 0.8:
-                used = rng.randrange(0, 1500)
-                limiter.settle(local_ticket, used, None)
-                scripts.settle(shared_ticket, used, None, unix)
+            endings = []
+            for _ in range(min(len(open_tickets), rng.randint(1, together))):
+                local_ticket, shared_ticket = open_tickets.pop(rng.randrange(len(open_tickets)))
+                if rng.random() < 0.8:
+                    used = rng.randrange(0, 1500)
+                    limiter.settle(local_ticket, used, None)
+                    endings.append((shared_ticket, used, None))
+                else:
+                    limiter.release(local_ticket)
+                    endings.append((shared_ticket, None, None))
+            if together == 1:
+                scripts.settle(*endings[0], unix)
             else:
-                limiter.release(local_ticket)
-                scripts.settle(shared_ticket, None, None, unix)
+                assert scripts.settle_together(endings, unix) == len(endings)
             continue
         tokens = rng.choice([10, 200, 900, 2000, 6000])
         local, shared = decide_both(limiter, scripts, plan, tokens, 0.0, unix, clock)

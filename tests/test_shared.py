@@ -218,6 +218,7 @@ def test_a_shared_ticket_is_settled_in_redis_and_a_local_one_locally():
     assert isinstance(ticket, RedisTicket) and ticket.number == 7
     assert dict(ticket.headers())[b"x-ratelimit-remaining-requests"] == b"1"
     quota.settle(ticket, 10, None)
+    clock.advance(0)  # the settlements of a reactor turn go together
     assert fake.calls[-1][0] == "evalsha" and fake.calls[-1][3][0].split()[4] == "7"
     fake.mode = "hang"
     deciding = watch(quota.admit(plan, Reservation(1, 0)))
@@ -309,3 +310,23 @@ def test_a_lost_subscriber_connection_is_redis_going_away():
     fake.mode = "hang"
     on_lost(Failure(ConnectionLost()))
     assert not shared.up and shared.status()["state"] == "local", "at once, before any call is late"
+
+
+def test_the_settlements_of_one_reactor_turn_go_in_one_call():
+    clock, fake = Clock(), FakeRedis()
+    shared = shared_on(clock, fake)
+    shared.startService()
+    quota = RedisQuota(shared, LocalQuota(Limiter(clock)), clock)
+    plan = limited_plan()
+    fake.evalsha_reply = "ok 7 1 1 30 2 0"
+    first = outcome(quota.admit(plan, Reservation(1, 0)))
+    fake.evalsha_reply = "ok 8 1 1 30 2 0"
+    second = outcome(quota.admit(plan, Reservation(1, 0)))
+    calls = len(fake.calls)
+    quota.settle(first, 10, None)
+    quota.release(second)
+    assert len(fake.calls) == calls, "nothing sent before the turn ends"
+    clock.advance(0)
+    assert len(fake.calls) == calls + 1
+    words = fake.calls[-1][3][0].split()
+    assert words[4] == "7" and "8" in words[5:]
