@@ -19,6 +19,7 @@ setup(
         "prometheus-client>=0.20",
         "orjson>=3.9",
         "txredisapi>=1.4.10",
+        "hiredis>=2.0",  # txredisapi parses replies with it when it is installed (C, from the Redis project)
         "autobahn>=24.4",
     ],
     extras_require={
