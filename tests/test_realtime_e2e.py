@@ -436,9 +436,9 @@ def test_an_azure_route_takes_its_clients_key_in_api_key(tmp_path, upstream):
     assert header(handshake, "api-key") == POOL_A
 
 
-def test_sessions_in_workers_share_the_limits(tmp_path, upstream):
+def test_sessions_in_workers_share_the_limits_and_reach_the_transcript(tmp_path, upstream):
     write_config(str(tmp_path), upstream.url)
-    with DaemonProcess(["--config", "gateway.toml", "--workers", "2"], cwd=str(tmp_path)) as proxy:
+    with DaemonProcess(["--config", "gateway.toml", "--workers", "2", "--log-chat"], cwd=str(tmp_path)) as proxy:
         admitted = 0
         for _ in range(6):
             try:
@@ -448,6 +448,8 @@ def test_sessions_in_workers_share_the_limits(tmp_path, upstream):
             except InvalidStatus as refused:
                 assert refused.response.status_code == 429
     assert admitted == 2, "rpm = 2/minute across both workers"
+    records = transcripts(tmp_path)
+    assert len(records) == 2 and all(r["realtime"] and r["caller"] == "limited" for r in records)
 
 
 # --- hostile clients ----------------------------------------------------------------------------------------------
