@@ -84,10 +84,10 @@ class Plan:
     def __bool__(self) -> bool:
         return bool(self.requests or self.tokens or self.parallel or self.budget)
 
-    def without_requests(self) -> Plan:
-        """The same limits without the request counts: what a running Realtime session meets again for each of
-        its responses (it counted as one request when it opened)."""
-        return attrs.evolve(self, requests=())
+    def charges(self) -> Plan:
+        """The token limits and budget alone: what the tokens of each response of a running Realtime session are
+        charged on (the session counted as one request and holds its parallel slot on its own ticket)."""
+        return attrs.evolve(self, requests=(), parallel=())
 
     def admit(self, limiter: Limiter, reserved: Reservation) -> Ticket | Refusal:
         """Admit one request of this caller on `limiter`, reserving `reserved`."""

@@ -173,9 +173,10 @@ class ReadGate:
 class WhileFull:
     """Registered on one socket's transport: while its write buffer is full, the gates stay closed."""
 
-    def __init__(self, gates: list[ReadGate]):
+    def __init__(self, gates: list[ReadGate], on_resume=None):
         self.gates = gates
         self.paused = False
+        self.on_resume = on_resume
 
     def pauseProducing(self) -> None:
         if not self.paused:
@@ -188,6 +189,8 @@ class WhileFull:
             self.paused = False
             for gate in self.gates:
                 gate.open()
+            if self.on_resume is not None:
+                self.on_resume()
 
     def stopProducing(self) -> None:
         self.resumeProducing()  # the socket is gone: the other side must read on (its close, at least)
@@ -234,10 +237,16 @@ class RealtimeSession:
         self.idle = None
         self.tokens = [0, 0, 0]
         self.reported = False
-        # With token limits or a budget, each response's tokens are charged when it is done and the session is
-        # admitted again (without counting a request: fwd.quota.Plan.without_requests) for the next one.
-        self.plan = plan.without_requests() if plan is not None and (plan.tokens or plan.budget) else None
-        self.charged = [0, 0, 0]  # what _charge has settled already
+        # With token limits or a budget, the tokens of each response are charged when it is done, on a ticket of
+        # their own (fwd.quota.Plan.charges: no request counted, no parallel slot; the session's own ticket keeps
+        # its slot until it ends); the next such ticket is the check that the caller may go on.
+        self.plan = plan.charges() if plan is not None and (plan.tokens or plan.budget) else None
+        self.segment = None  # the ticket the next response's tokens are charged on
+        self.stopped = False  # its caller was refused more: what comes is charged on the session's ticket
+        self.charged = [0, 0, 0]  # what has been charged on segment tickets
+        self.client_full = None  # the WhileFull of the client's socket
+        self.client_gate = None
+        self.quieted = False  # the client's reading is paused until it reads what the proxy queued for it
         self.transcript = None
         if gateway.log_chat:
             self.transcript = SessionTranscript(
@@ -417,11 +426,15 @@ class RealtimeSession:
     def client_opened(self, client) -> None:
         self.status = 101
         upstream = self.upstream
-        # A side whose write buffer is full stops the reading of both: the other side's frames wait in its socket,
-        # and a side that reads nothing cannot make the proxy queue answers (pongs, errors) for it.
-        gates = [ReadGate(client.transport), ReadGate(upstream.transport)]
-        client.transport.registerProducer(WhileFull(gates), True)
-        upstream.transport.registerProducer(WhileFull(gates), True)
+        # A side whose write buffer is full stops the reading of the other side, whose frames wait in its socket.  A
+        # client that reads nothing while the proxy answers it itself (pongs, errors) stops being read too.
+        self.client_gate = ReadGate(client.transport)
+        upstream_gate = ReadGate(upstream.transport)
+        self.client_full = WhileFull([upstream_gate], on_resume=self._client_reads)
+        client.transport.registerProducer(self.client_full, True)
+        upstream.transport.registerProducer(WhileFull([self.client_gate]), True)
+        if self.plan is not None:
+            self._next_segment()
         self.idle = self.clock.callLater(self.config.idle_timeout, self._check_idle)
         waiting, self.waiting = self.waiting, []
         for payload, binary in waiting:
@@ -432,6 +445,23 @@ class RealtimeSession:
     def touch(self) -> None:
         self.last_frame = self.clock.seconds()
 
+    def client_ping(self) -> None:
+        """The client pinged: its pong is queued to it."""
+        self.last_frame = self.clock.seconds()
+        self._answering_client()
+
+    def _answering_client(self) -> None:
+        """The proxy queues a frame of its own to the client: while the client reads nothing, read nothing of it."""
+        full = self.client_full
+        if full is not None and full.paused and not self.quieted:
+            self.quieted = True
+            self.client_gate.close()
+
+    def _client_reads(self) -> None:
+        if self.quieted:
+            self.quieted = False
+            self.client_gate.open()
+
     def from_client(self, payload: bytes, binary: bool) -> None:
         self.last_frame = self.clock.seconds()
         if self.allowed is not None:
@@ -439,6 +469,7 @@ class RealtimeSession:
             why = model_refusal(payload, self.allowed, binary)
             if why is not None:
                 self._to_client(error_event(why, "model_not_allowed", client_event_id(payload)), False)
+                self._answering_client()
                 return
         if self.transcript is not None:
             self._transcribe(self.transcript.from_client, payload, binary)
@@ -461,8 +492,8 @@ class RealtimeSession:
             self.waiting.append((payload, binary))
         else:
             self._to_client(payload, binary)
-        if used is not None and self.plan is not None and self.ticket is not None:
-            self._charge(used)
+        if used is not None and self.plan is not None:
+            self._charge()
 
     def _transcribe(self, feed, payload: bytes, binary: bool) -> None:
         """Feed the transcript; a frame it cannot take ends the transcript, never the session."""
@@ -473,26 +504,39 @@ class RealtimeSession:
                       problem=type(e).__name__)
             self.transcript = None
 
-    def _charge(self, used) -> None:
-        """Charge a response's tokens to the caller's token limits and budget, then admit the session again for
-        the next response; a caller over them gets an error event and the session closes (1008)."""
-        ticket, self.ticket = self.ticket, None
-        self.gateway.quota.settle(ticket, used.total_tokens, self._cost(used.input_tokens, used.output_tokens))
-        self.charged = [a + b for a, b in zip(self.charged, (used.input_tokens, used.output_tokens,
-                                                             used.total_tokens))]
+    def _charge(self) -> None:
+        """Charge what the session used since the last charge on the current segment ticket, then take the next
+        one.  Without a segment (its admission is on its way, or the caller was refused more), the tokens wait:
+        the next charge, or the session's own ticket at its end, takes them."""
+        segment, self.segment = self.segment, None
+        if segment is None:
+            return
+        left = [a - b for a, b in zip(self.tokens, self.charged)]
+        self.gateway.quota.settle(segment, left[2], self._cost(left[0], left[1]))
+        self.charged = list(self.tokens)
+        self._next_segment()
+
+    def _next_segment(self) -> None:
+        if self.stopped or self.done:
+            return
         deciding = self.gateway.quota.admit(self.plan, NOTHING_RESERVED)
         if isinstance(deciding, defer.Deferred):
-            deciding.addCallback(self._readmitted).addErrback(self._unexpected)
+            deciding.addCallback(self._segment).addErrback(self._segment_failed)
         else:
-            self._readmitted(deciding)
+            self._segment(deciding)
 
-    def _readmitted(self, outcome) -> None:
+    def _segment_failed(self, reason) -> None:
+        log.error("a Realtime session's limits could not be asked: {problem}", problem=reason.type.__name__)
+        self.stopped = True  # what it uses from now on is charged when it ends
+
+    def _segment(self, outcome) -> None:
         if not isinstance(outcome, (Refusal, errors.ProxyError)):
             if self.done:
-                self.gateway.quota.release(outcome)
+                self.gateway.quota.release(outcome)  # it reserved nothing: the session's ticket took the rest
             else:
-                self.ticket = outcome
+                self.segment = outcome
             return
+        self.stopped = True
         if self.done:
             return
         error = refused(outcome) if isinstance(outcome, Refusal) else outcome
@@ -601,6 +645,9 @@ class RealtimeSession:
             used = {"input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": total,
                     "estimated": False}
             cost = self._cost(input_tokens, output_tokens)
+        if self.segment is not None:
+            gateway.quota.release(self.segment)  # it reserved nothing
+            self.segment = None
         if self.ticket is not None:
             left = [a - b for a, b in zip(self.tokens, self.charged)]
             if self.reported:

@@ -37,6 +37,7 @@ class RedisQuota:
         self.clock = clock
         self.settling: list[tuple[list, list]] = []
         self.flush_call = None
+        shared.before_stop.append(self.flush)  # the last settlements go before the connection closes
 
     @property
     def limiter(self):
@@ -79,14 +80,14 @@ class RedisQuota:
         elif self.flush_call is None:
             self.flush_call = self.clock.callLater(0, self.flush)
 
-    def flush(self) -> None:
-        """Send the settlements waiting, in one SETTLE call."""
+    def flush(self):
+        """Send the settlements waiting, in one SETTLE call (a Deferred of its end, which nothing else waits for:
+        a settlement lost to Redis trouble leaves the reservation standing until its lease ends)."""
         if self.flush_call is not None and self.flush_call.active():
             self.flush_call.cancel()
         self.flush_call = None
         records, self.settling = self.settling, []
         if not records:
-            return
+            return None
         keys, args = settle_many(records, self.clock.seconds())
-        # Not waited for: a settlement lost to Redis trouble leaves the reservation standing until its lease ends.
-        self.shared.run("settle", keys, args).addErrback(lambda reason: reason.trap(RedisUnavailable))
+        return self.shared.run("settle", keys, args).addErrback(lambda reason: reason.trap(RedisUnavailable))

@@ -41,6 +41,8 @@ from fwd.limits import (
 PREFIX = "fwd:"
 # Rate states are seconds from 2026-01-01T00:00:00Z: small numbers, fine float grid.
 EPOCH = 1_767_225_600.0
+# The most tokens (and cost) one settlement charges: far beyond any request, far below what breaks a float.
+MAX_TOKENS = 10**12
 # How long a request in flight may hold a parallel slot or a budget reservation without ending.
 LEASE_SECONDS = 900.0
 
@@ -186,7 +188,8 @@ while a <= #A do
     if base < now then base = now end
     local new = base + (actual - reserved) * emission
     if new > now then
-      redis.call('SET', key, string.format('%.17g', new), 'PX', math.ceil((new - now) * 1000) + 1000)
+      -- kept at most 400 days: a debt beyond that is as good as forever, and the number stays an integer
+      redis.call('SET', key, string.format('%.17g', new), 'PX', math.min(math.ceil((new - now) * 1000) + 1000, 34560000000))
     else
       redis.call('DEL', key)
     end
@@ -390,8 +393,9 @@ def settle_call(ticket: RedisTicket, tokens: int | None, cost: float | None, uni
 def settle_record(ticket: RedisTicket, tokens: int | None, cost: float | None) -> tuple[list, list]:
     """One ticket's part of a SETTLE call: its keys and its words (several tickets go in one call, `settle_many`)."""
     reserved = ticket.reserved
-    actual_tokens = reserved.tokens if tokens is None else max(0, tokens)
-    actual_cost = reserved.cost if cost is None else max(0.0, cost)
+    # Bounded: an upstream's absurd usage must not make a number Redis refuses (and fail the whole batch).
+    actual_tokens = reserved.tokens if tokens is None else min(max(0, int(tokens)), MAX_TOKENS)
+    actual_cost = reserved.cost if cost is None else min(max(0.0, cost), MAX_TOKENS)
     keys = list(ticket.tokens_keys) + list(ticket.parallel_keys)
     words = [str(len(ticket.tokens_keys)), str(len(ticket.parallel_keys)), "1" if ticket.budget_keys else "0",
              str(ticket.number)]

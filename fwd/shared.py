@@ -84,6 +84,8 @@ class SharedState(service.Service):
         self.shas: dict[str, str] = {}
         self.channels: dict[str, Callable[[bytes], None]] = {}
         self.on_up: list[Callable[[], None]] = []
+        # Called as the service stops, before the connection closes: what they return (Deferreds) is waited for.
+        self.before_stop: list[Callable[[], object]] = []
         self._probe = None
         self._probe_delay = FIRST_PROBE
         self._warned = False
@@ -105,8 +107,14 @@ class SharedState(service.Service):
         if self._probe is not None and self._probe.active():
             self._probe.cancel()
         self._probe = None
+        last = [called() for called in self.before_stop]
+        last = defer.DeferredList([d for d in last if isinstance(d, defer.Deferred)], consumeErrors=True)
+        return last.addBoth(lambda _: self._disconnect())
+
+    def _disconnect(self) -> defer.Deferred:
         closing = [c.disconnect() for c in (self.connection, self.subscriber) if c is not None]
         self.connection = self.subscriber = None
+        self.up = False
         return defer.DeferredList([d for d in closing if isinstance(d, defer.Deferred)], consumeErrors=True)
 
     def listen(self, channel: str, receive: Callable[[bytes], None]) -> None:
@@ -117,7 +125,7 @@ class SharedState(service.Service):
 
     def run(self, script: str, keys: list, args: list) -> defer.Deferred:
         """Run one of SCRIPTS atomically: its reply, or RedisUnavailable."""
-        if not self.up:
+        if not self.up or self.connection is None:
             return defer.fail(RedisUnavailable())
         called = self._timed(self.connection.evalsha(self.shas[script], keys, args))
         called.addErrback(self._script_failed, script, keys, args)
@@ -125,7 +133,7 @@ class SharedState(service.Service):
 
     def command(self, name: str, *args) -> defer.Deferred:
         """One plain Redis command (publish, hset, hgetall, …): its reply, or RedisUnavailable."""
-        if not self.up:
+        if not self.up or self.connection is None:
             return defer.fail(RedisUnavailable())
         return self._timed(getattr(self.connection, name)(*args)).addErrback(self._failed)
 

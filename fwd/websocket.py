@@ -228,7 +228,7 @@ class ClientSocket(Bounded, WebSocketServerProtocol):
         self.session.from_client(payload, isBinary)
 
     def onPing(self, payload):
-        self.session.touch()
+        self.session.client_ping()
         super().onPing(payload)
 
     def onCloseFrame(self, code, reasonRaw):

@@ -584,3 +584,53 @@ def test_a_deeply_nested_event_does_not_break_a_transcribed_session(daemon, upst
         events(ws, "response.done")
     (record,) = wait_for(lambda: transcripts(tmp_path))
     assert record["truncated"] is True and record["usage"]["total_tokens"] > 0
+
+
+def test_with_redis_a_session_keeps_its_slot_through_its_responses_and_gives_it_back_at_shutdown(
+        tmp_path, upstream, redis_server):
+    """A key with max_parallel and tpm, limits in Redis: each response is charged without the session contesting
+    its own parallel slot, and a SIGTERM's last settlements reach Redis before the connection closes."""
+    client = redis_server.client()
+    client.flushall()
+    upstream.reset()
+    key = "fk-realtime-metered-00000000000001"
+    (tmp_path / "gateway.toml").write_text(
+        f'[[route]]\nbase_url = "{upstream.url}"\napi_keys = ["{POOL_A}"]\nforward_keys = [\n'
+        f'  {{ key = "{key}", name = "metered", max_parallel = 1, tpm = "100000/minute" }},\n]\n')
+    arguments = ["--config", "gateway.toml", "--redis-url", redis_server.url, "--grace-period", "1"]
+    with DaemonProcess(arguments, cwd=str(tmp_path)) as proxy:
+        assert wait_for(lambda: health(proxy)["redis"]["state"] == "shared"), "sharing through Redis"
+        ws = browser(proxy, key=key)
+        events(ws, "session.created")
+        for n in range(3):
+            ws.send(json.dumps({"type": "response.create"}))
+            found = events(ws, "response.done")
+            assert not [e for e in found if e["type"] == "error"], f"response {n} was charged without a refusal"
+        slots = [k for k in client.keys("fwd:par:*")]
+        assert slots and client.zcard(slots[0]) == 1, ("the session holds its slot", client.keys("*"))
+        proxy.process.send_signal(15)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                ws.recv(timeout=10)
+        proxy.process.wait(10)
+    assert client.zcard(slots[0]) == 0, "the last settlement reached Redis"
+
+
+def test_a_client_that_writes_before_it_reads_is_not_stalled(daemon, upstream):
+    """The upstream floods the client; the client, single-threaded, sends 8 MiB of audio before it reads."""
+    port = daemon.ports[0]
+    sock, answer = raw_handshake(port, f"/v1/realtime?model={MODEL}", {"Authorization": f"Bearer {ALICE}"},
+                                 f"127.0.0.1:{port}")
+    assert b" 101 " in answer.split(b"\r\n")[0]
+    sock.sendall(masked(0x1, json.dumps({"type": "fake.flood", "count": 400, "size": 65536}).encode()))
+    time.sleep(0.5)  # the proxy's buffer towards the client fills
+    chunk = json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (1 << 20)}).encode()
+    frame = bytes([0x81, 0x80 | 127]) + len(chunk).to_bytes(8, "big") + b"\0\0\0\0" + chunk  # a zero mask
+    sock.settimeout(10)
+    started = time.monotonic()
+    for _ in range(8):
+        sock.sendall(frame)
+    took = time.monotonic() - started
+    sock.close()
+    print(f"\n8 MiB sent by a client that had not read its flood yet, in {took:.2f} s")
+    assert took < 5

@@ -181,3 +181,13 @@ def test_spend_and_cost_budgets_are_refused_with_the_in_memory_message(scripts):
         same(local, shared)
     assert isinstance(shared, Refusal) and "0.002 of 0.02" in shared.message
     assert limiter.budget("budget:/team:alice")[2] == Spend(200, 0.018)
+
+
+def test_an_absurd_usage_does_not_fail_the_other_settlements_of_its_call(scripts):
+    plan = plan_of(tpm=Rate(5000, 60.0), max_parallel=3)
+    tickets = [scripts.admit(plan, 10, 0.0, NOW) for _ in range(3)]
+    assert all(isinstance(t, RedisTicket) for t in tickets)
+    ended = scripts.settle_together([(tickets[0], 2**64 - 1, None), (tickets[1], 5, None), (tickets[2], None, None)],
+                                    NOW + 1)
+    assert ended == 3
+    assert scripts.client.zcard(tickets[0].parallel_keys[0]) == 0, "every slot came back"
