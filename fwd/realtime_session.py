@@ -395,7 +395,7 @@ class RealtimeSession:
         if attempts.key is not None:
             attempts.succeeded()
         self.upstream = upstream
-        if self.left_early:
+        if self.left_early or self.done:
             upstream.sendCloseFrame(1001, b"client went away")
             return
         self.ttfb = self.clock.seconds()
