@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from fwd import errors, keys, models
 from fwd.answers import send_error
+from fwd.failover import UpstreamAttempts
 from fwd.headers import clean_phrase, response_headers, upstream_headers
 from fwd.limits import Refusal, price_for
 from fwd.masking import KeyMasker
@@ -199,11 +200,9 @@ class WhileFull:
 class RealtimeSession:
     """A client's WebSocket and its upstream's, from the first connect attempt to the last close."""
 
-    def __init__(self, gateway, active, admission, request, target, ticket, reactor, plan=None):
+    def __init__(self, gateway, active, admission, request, target, ticket, plan=None):
         """`ticket` is the session's admission by its limits (None without limits), `plan` those limits
         (fwd.quota.Plan): a session whose caller has a token limit or a budget is charged response by response."""
-        from fwd.failover import UpstreamAttempts
-
         self.gateway = gateway
         self.config = config = gateway.config
         self.active = active
@@ -211,8 +210,7 @@ class RealtimeSession:
         self.request = request
         self.target = target
         self.ticket = ticket
-        self.reactor = reactor
-        self.clock = gateway.clock
+        self.reactor = self.clock = gateway.clock  # the daemon's reactor: the upstream socket connects on it
         self.started = self.clock.seconds()
         self.model = session_model(target)
         self.protocols = offered(request.requestHeaders.getRawHeaders(b"sec-websocket-protocol"))

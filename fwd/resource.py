@@ -165,7 +165,6 @@ class ForwardResource(Resource):
         request.notifyFinish().addErrback(exchange.client_lost)
         exchange.start(self.gateway.cache.lookup(cached) if cached is not None else None)
 
-
     def _upgrade(self, request, active, admission, target) -> None:
         """A Realtime session: judged like a request (its model, its limits) before its upgrade is accepted."""
         refusal = upgrade_refusal(request, admission.decision.forward_key, target)
@@ -193,9 +192,7 @@ class ForwardResource(Resource):
             if ticket is not None:
                 self.gateway.quota.release(ticket)
             return
-        from twisted.internet import reactor
-
-        RealtimeSession(self.gateway, active, admission, request, target, ticket, reactor, plan).start()
+        RealtimeSession(self.gateway, active, admission, request, target, ticket, plan).start()
 
 
 class HealthResource(Resource):

@@ -207,7 +207,8 @@ def test_redis_killed_mid_load_fails_no_request_with_open_and_sharing_resumes_wh
     assert load.slowest < 2.0
     statuses, _ = asyncio.run(burst([a.url, b.url], FIVE, 12))
     assert statuses.count(200) == 5, "limits are shared again after Redis came back"
-    assert "timed out" in a.output or "ConnectionError" in a.output or "does not answer" in a.output
+    shared_lines = [line for line in a.output.splitlines() if "fwd.shared" in line]
+    assert "each instance holds the limits alone until it answers again" in a.output, shared_lines
     assert "answers again" in a.output, "the fallback and the return are logged"
 
 
