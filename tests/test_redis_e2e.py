@@ -237,7 +237,8 @@ def test_with_closed_a_limited_request_gets_503_at_once_while_redis_is_down(tmp_
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
 def test_the_deployments_nginx_balances_two_instances_that_share_their_limits(pair, tmp_path):
-    """docker-compose.instances.yml without Docker: its deploy/nginx.conf in front of the two daemons."""
+    """docker-compose.instances.yml without Docker: its deploy/nginx.conf in front of the two daemons (requests,
+    streams, a limit shared by both, and a Realtime session)."""
     a, b = pair
     conf = (Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf").read_text()
     port = free_port()
@@ -268,6 +269,8 @@ def test_the_deployments_nginx_balances_two_instances_that_share_their_limits(pa
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: hi"
         statuses, _ = asyncio.run(burst([url], FIVE, 12))
         assert statuses.count(200) == 5, "one limit for the whole deployment"
+        with client.realtime.connect(model="gpt-realtime") as connection:  # the WebSocket upgrade passes through
+            assert connection.recv().type == "session.created"
     finally:
         nginx.terminate()
         nginx.wait(10)
