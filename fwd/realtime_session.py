@@ -8,14 +8,16 @@ model is checked against the forward key's list, its limits admit it (one reques
 disabled and the next one tried, as for HTTP).  Only then does the client get its 101; any refusal before is a
 plain HTTP answer with the usual JSON body, and an upstream that cannot be reached is a 502 (504 past TIMEOUT).
 
-Once open, frames go both ways as they come, in order, each socket's transport the producer of the other's: a
-client that stops reading pauses the upstream socket, and the other way round.  Close codes and reasons pass
-through; a side that vanishes gets the other closed (1011 to the client, 1001 to the upstream).  IDLE_TIMEOUT
-seconds without a frame either way close both (1001).  A graceful shutdown lets sessions run for GRACE_PERIOD,
-then closes them with 1001.
+Once open, frames go both ways as they come, in order.  A side whose write buffer is full pauses the reading of
+the other side (a client that stops reading pauses the upstream socket, and the other way round), and a client
+that reads nothing while the proxy answers it itself (pongs, errors) is not read either.  Close codes and
+reasons pass through; a side that vanishes gets the other closed (1011 to the client, 1001 to the upstream).
+IDLE_TIMEOUT seconds without a frame either way close both (1001).  A graceful shutdown lets sessions run for
+GRACE_PERIOD, then closes them with 1001.
 
-Tokens come from each `response.done`; they are charged to the caller's limits and budget, the usage ledger and
-metrics when the session ends, in one access event (`GET /v1/realtime 101 … `).
+Tokens come from each `response.done`.  With token limits or a budget, each response's tokens are charged when
+it is done, on a ticket of their own; a caller refused more gets an `error` event and 1008.  The session's
+usage reaches the ledger and the metrics when it ends, in one access event (`GET /v1/realtime 101 …`).
 """
 
 from __future__ import annotations
