@@ -158,6 +158,9 @@ class Reservation:
         return self.prompt + self.output
 
 
+NOTHING_RESERVED = Reservation(0, 0)  # a Realtime session's admission: its tokens are charged as they are used
+
+
 def reservation(kind: str | None, json_bytes: int, members: dict, default_max: int, prices, model) -> Reservation:
     """A request's reservation from its JSON body size and parameters (fwd.limits.reserve_tokens)."""
     prompt = reserve_tokens(json_bytes, 0, None, 0) if json_bytes else 0

@@ -46,7 +46,7 @@ from fwd.failover import UpstreamAttempts
 from fwd.headers import clean_phrase, response_headers, upstream_headers
 from fwd.limits import Refusal, price_for
 from fwd.masking import KeyMasker
-from fwd.quota import Reservation, refused
+from fwd.quota import NOTHING_RESERVED, refused
 from fwd.realtime import (
     client_event_id,
     echoed,
@@ -82,7 +82,6 @@ _TLS = BrowserLikePolicyForHTTPS()
 HOST = re.compile(rb"\A(?:\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+)(?::[0-9]{1,5})?\Z")
 TOKEN = re.compile(r"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _OPEN = WebSocketProtocol.STATE_OPEN
-NOTHING_RESERVED = Reservation(0, 0)
 
 
 def credential_from_subprotocol(request, kind: str) -> errors.ProxyError | None:

@@ -22,7 +22,7 @@ from fwd.gateway import Gateway
 from fwd.intake import Facts, Target, read_request
 from fwd.limits import Refusal
 from fwd.metering import PARAMETERS
-from fwd.quota import Reservation, refused
+from fwd.quota import NOTHING_RESERVED, refused
 from fwd.realtime import is_upgrade
 from fwd.realtime_session import (
     RealtimeSession,
@@ -32,7 +32,6 @@ from fwd.realtime_session import (
 
 log = Logger(namespace="fwd.resource")
 MODEL = ("model",)
-NOTHING_RESERVED = Reservation(0, 0)
 
 
 def asks_upgrade(request) -> bool:
@@ -148,18 +147,25 @@ class ForwardResource(Resource):
         log.error("admission failed: {problem}", problem=reason.type.__name__)
         return errors.limits_unavailable()
 
-    def _forward(self, ticket, request, active, admission, target, terms, facts: Facts, cached=None) -> None:
-        """Answer the admitted request from the cache or upstream (or answer the 429 the limits gave it)."""
+    def _admitted(self, ticket, request) -> bool:
+        """Whether the limits' answer lets the request go on; else it is answered (the 429 the limits gave it, or
+        their 503), or its ticket given back when the client has left meanwhile."""
         if isinstance(ticket, Refusal):
             request.limited = ticket.reason
             send_error(request, refused(ticket))
-            return
+            return False
         if isinstance(ticket, errors.ProxyError):
             send_error(request, ticket)
-            return
+            return False
         if getattr(request, "gone", False):
             if ticket is not None:
                 self.gateway.quota.release(ticket)
+            return False
+        return True
+
+    def _forward(self, ticket, request, active, admission, target, terms, facts: Facts, cached=None) -> None:
+        """Answer the admitted request from the cache or upstream."""
+        if not self._admitted(ticket, request):
             return
         exchange = Exchange(self.gateway, active, admission, request, target, facts, terms, ticket, cached)
         request.notifyFinish().addErrback(exchange.client_lost)
@@ -181,18 +187,8 @@ class ForwardResource(Resource):
         self._when(deciding, request, self._open_session, request, active, admission, target, terms.plan)
 
     def _open_session(self, ticket, request, active, admission, target, plan) -> None:
-        if isinstance(ticket, Refusal):
-            request.limited = ticket.reason
-            send_error(request, refused(ticket))
-            return
-        if isinstance(ticket, errors.ProxyError):
-            send_error(request, ticket)
-            return
-        if getattr(request, "gone", False):
-            if ticket is not None:
-                self.gateway.quota.release(ticket)
-            return
-        RealtimeSession(self.gateway, active, admission, request, target, ticket, plan).start()
+        if self._admitted(ticket, request):
+            RealtimeSession(self.gateway, active, admission, request, target, ticket, plan).start()
 
 
 class HealthResource(Resource):
