@@ -72,6 +72,14 @@ def events(socket_, until: str, limit: int = 100) -> list[dict]:
     raise AssertionError(f"no {until} in {[e['type'] for e in found]}")
 
 
+def say(ws, text: str) -> list[dict]:
+    """Add a user message and ask for a response: the events until its `response.done`."""
+    ws.send(json.dumps({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}))
+    ws.send(json.dumps({"type": "response.create"}))
+    return events(ws, "response.done")
+
+
 def refusal(daemon, **kwargs) -> tuple[int, dict, dict]:
     with pytest.raises(InvalidStatus) as raised:
         browser(daemon, **kwargs).close()
@@ -144,10 +152,7 @@ def test_a_browser_style_client_authenticates_with_subprotocols_only(daemon, ups
     with browser(daemon, protocols=("realtime", "openai-beta.realtime-v1")) as ws:
         assert ws.subprotocol == "realtime"
         assert events(ws, "session.created")[-1]["session"]["model"] == MODEL
-        ws.send(json.dumps({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "from a browser"}]}}))
-        ws.send(json.dumps({"type": "response.create"}))
-        deltas = [e["delta"] for e in events(ws, "response.done") if e["type"] == "response.text.delta"]
+        deltas = [e["delta"] for e in say(ws, "from a browser") if e["type"] == "response.text.delta"]
         assert "".join(deltas) == "Echo: from a browser"  # the beta's event names: the subprotocol went upstream
     (handshake,) = handshakes(upstream)
     assert header(handshake, "sec-websocket-protocol") == "realtime,openai-beta.realtime-v1"
@@ -191,10 +196,7 @@ def test_rpm_and_max_parallel_refuse_with_429_and_openai_headers(daemon, upstrea
 def test_tokens_from_response_done_are_charged_to_the_budget(daemon, upstream, tmp_path):
     with browser(daemon, key=THRIFTY) as ws:
         events(ws, "session.created")
-        ws.send(json.dumps({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "one two three"}]}}))
-        ws.send(json.dumps({"type": "response.create"}))
-        done = events(ws, "response.done")[-1]
+        done = say(ws, "one two three")[-1]
         assert done["response"]["usage"]["total_tokens"] == 7
     # The budget of 6 tokens is spent: the next session is refused as OpenAI refuses an exhausted quota.
     daemon.wait_for("GET /v1/realtime 101")  # the session has ended: its tokens are charged
@@ -389,10 +391,7 @@ def test_sessions_through_threads_do_not_interfere(daemon, upstream):
     def talk(n):
         with browser(daemon) as ws:
             events(ws, "session.created")
-            ws.send(json.dumps({"type": "conversation.item.create", "item": {
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": f"number {n}"}]}}))
-            ws.send(json.dumps({"type": "response.create"}))
-            deltas = [e["delta"] for e in events(ws, "response.done") if e["type"].endswith("text.delta")]
+            deltas = [e["delta"] for e in say(ws, f"number {n}") if e["type"].endswith("text.delta")]
             results.append("".join(deltas) == f"Echo: number {n}")
 
     threads = [threading.Thread(target=talk, args=(n,)) for n in range(10)]
@@ -548,10 +547,7 @@ def test_a_client_that_pings_without_reading_is_paused_not_buffered(daemon, upst
 def test_a_session_that_spends_the_budget_is_closed_after_the_response(daemon, upstream):
     with browser(daemon, key=THRIFTY) as ws:
         events(ws, "session.created")
-        ws.send(json.dumps({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "one two three"}]}}))
-        ws.send(json.dumps({"type": "response.create"}))
-        done = events(ws, "response.done")[-1]
+        done = say(ws, "one two three")[-1]
         assert done["response"]["usage"]["total_tokens"] == 7  # the response came whole
         error = json.loads(ws.recv(timeout=10))
         assert error["type"] == "error" and error["error"]["code"] == "insufficient_quota"
