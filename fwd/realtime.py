@@ -31,10 +31,7 @@ MODEL_DEPTH = 64
 
 def tokens_of(values: list[bytes] | None) -> list[str]:
     """The comma-separated tokens of a header's values, lower-cased."""
-    found = []
-    for value in values or ():
-        found += [t.strip().lower() for t in value.decode("latin-1").split(",") if t.strip()]
-    return found
+    return [token.lower() for token in offered(values)]
 
 
 def is_upgrade(method: bytes, upgrade: list[bytes] | None, connection: list[bytes] | None) -> bool:
@@ -113,16 +110,6 @@ def is_origin(value: bytes) -> bool:
     except ValueError:
         return False
     return parts.scheme.lower() == "file" or bool(parts.hostname)
-
-
-def event_type(payload: bytes) -> str | None:
-    """The `type` of a Realtime event in a text frame, or None for what is not one."""
-    try:
-        event = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    kind = event.get("type") if isinstance(event, dict) else None
-    return kind if isinstance(kind, str) else None
 
 
 def response_usage(payload: bytes) -> Usage | None:

@@ -31,12 +31,11 @@ import time
 from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python import failure
-from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.web.client import URI
 from twisted.web.http import HTTPChannel
 from zope.interface import implementer
 
@@ -63,6 +62,7 @@ from fwd.realtime import (
 from fwd.transcripts.assembly import Ended
 from fwd.transcripts.events import emit
 from fwd.transcripts.realtime import SessionTranscript
+from fwd.upstream import UpstreamEndpoints
 from fwd.websocket import (
     HandshakeFailed,
     Refused,
@@ -77,7 +77,6 @@ log = Logger(namespace="fwd.realtime")
 MAX_MESSAGE = 16 * 1024 * 1024
 UID_PREFIX = os.urandom(6).hex()
 uid_counter = itertools.count()
-_TLS = BrowserLikePolicyForHTTPS()
 # What autobahn's server handshake accepts (checked before an upstream session is opened for it).
 HOST = re.compile(rb"\A(?:\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+)(?::[0-9]{1,5})?\Z")
 TOKEN = re.compile(r"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -143,15 +142,6 @@ def session_model(target) -> str | None:
     return named.models[0] if named.problem is None and named.models else None
 
 
-def upstream_endpoint(reactor, factory, timeout: float):
-    """Where the upstream socket connects: the factory's host and port, under TLS for wss://."""
-    endpoint = HostnameEndpoint(reactor, factory.host, factory.port, timeout=timeout)
-    if factory.isSecure:
-        host = factory.host.encode("idna") if not factory.host.isascii() else factory.host.encode()
-        endpoint = wrapClientTLS(_TLS.creatorForNetloc(host, factory.port), endpoint)
-    return endpoint
-
-
 class ReadGate:
     """A socket's reading, paused while any side of its session asks (a count, so two asks need two resumes)."""
 
@@ -211,7 +201,7 @@ class RealtimeSession:
         self.request = request
         self.target = target
         self.ticket = ticket
-        self.reactor = self.clock = gateway.clock  # the daemon's reactor: the upstream socket connects on it
+        self.clock = gateway.clock  # the daemon's reactor: the upstream socket connects on it
         self.started = self.clock.seconds()
         self.model = session_model(target)
         self.protocols = offered(request.requestHeaders.getRawHeaders(b"sec-websocket-protocol"))
@@ -290,9 +280,11 @@ class RealtimeSession:
         headers, agent, origin = handshake_headers(outcome)
         factory = UpstreamFactory(self, socket_url(self.attempts.url), protocols=passed_on(self.protocols),
                                   headers=headers, useragent=agent, origin=origin, max_message=self.max_message,
-                                  reactor=self.reactor)
+                                  reactor=self.clock)
         left = max(self._time_left(), 0.001)
-        connecting = upstream_endpoint(self.reactor, factory, left).connect(factory)
+        # The endpoint (and its TLS policy) that relayed HTTP requests use for this upstream.
+        endpoint = UpstreamEndpoints(self.clock, left).endpointForURI(URI.fromBytes(self.attempts.url))
+        connecting = endpoint.connect(factory)
         opening = connecting.addCallback(lambda _: factory.opening)
         opening.addTimeout(left, self.clock, onTimeoutCancel=self._timed_out)
         self.pending = opening
@@ -405,7 +397,7 @@ class RealtimeSession:
         if content is not None and hasattr(content, "close"):
             content.close()
         site = getattr(request.channel, "site", None)
-        client = client_factory(self.max_message, self.reactor).buildProtocol(request.getClientAddress())
+        client = client_factory(self.max_message, self.clock).buildProtocol(request.getClientAddress())
         client.session = self
         self.client = client
         connections = getattr(site, "connections", None)

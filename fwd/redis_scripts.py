@@ -384,12 +384,6 @@ def _looking(outcomes: tuple) -> tuple:
     return tuple((charge, outcome._replace(allowed=True)) for charge, outcome in outcomes)
 
 
-def settle_call(ticket: RedisTicket, tokens: int | None, cost: float | None, unix: float) -> tuple[list, list]:
-    """The SETTLE call ending one ticket with its real usage (`tokens` None: the reservation stands as the charge)."""
-    keys, words = settle_record(ticket, tokens, cost)
-    return keys, [" ".join([_number(unix - EPOCH), *words])]
-
-
 def settle_record(ticket: RedisTicket, tokens: int | None, cost: float | None) -> tuple[list, list]:
     """One ticket's part of a SETTLE call: its keys and its words (several tickets go in one call, `settle_many`)."""
     reserved = ticket.reserved
@@ -426,5 +420,5 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-__all__ = ["ADMIT", "SETTLE", "RedisTicket", "admit_call", "admit_result", "settle_call", "settle_many",
+__all__ = ["ADMIT", "SETTLE", "RedisTicket", "admit_call", "admit_result", "settle_many",
            "settle_record", "retry_after_header", "BudgetRule"]

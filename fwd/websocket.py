@@ -36,11 +36,21 @@ REFUSAL_LIMIT = 64 * 1024
 MAX_FRAGMENTS = 256
 
 
-class Bounded:
+class SessionSocket:
     """What both sockets of a session add to autobahn's: a message in too many fragments closes the connection
-    with 1009, as one past the size limit does."""
+    with 1009, as one past the size limit does; a close frame from an open socket is told to the session, under
+    the socket's `side`."""
 
+    side = ""
+    session = None
+    opened = False
     fragments = 0
+
+    def onCloseFrame(self, code, reasonRaw):
+        answered = super().onCloseFrame(code, reasonRaw)
+        if self.opened:
+            self.session.closed_by(self.side, self.remoteCloseCode, self.remoteCloseReason)
+        return answered
 
     def onMessageBegin(self, isBinary):
         self.fragments = 0
@@ -131,11 +141,10 @@ def refusal_in(data: bytes, closed: bool):
                    body[:REFUSAL_LIMIT])
 
 
-class UpstreamSocket(Bounded, WebSocketClientProtocol):
+class UpstreamSocket(SessionSocket, WebSocketClientProtocol):
     """The session's connection to the upstream."""
 
-    session = None
-    opened = False
+    side = "upstream"
     refusal: Refused | None = None
 
     def processHandshake(self):
@@ -161,12 +170,6 @@ class UpstreamSocket(Bounded, WebSocketClientProtocol):
     def onPing(self, payload):
         self.session.touch()
         super().onPing(payload)
-
-    def onCloseFrame(self, code, reasonRaw):
-        answered = super().onCloseFrame(code, reasonRaw)
-        if self.opened:
-            self.session.closed_by("upstream", self.remoteCloseCode, self.remoteCloseReason)
-        return answered
 
     def onClose(self, wasClean, code, reason):
         if self.opened:
@@ -211,11 +214,10 @@ class UpstreamFactory(WebSocketClientFactory):
             self.built.transport.abortConnection()
 
 
-class ClientSocket(Bounded, WebSocketServerProtocol):
+class ClientSocket(SessionSocket, WebSocketServerProtocol):
     """The session's connection to its client, once the upgrade is accepted."""
 
-    session = None
-    opened = False
+    side = "client"
 
     def onConnect(self, request):
         return self.session.accepting()
@@ -230,12 +232,6 @@ class ClientSocket(Bounded, WebSocketServerProtocol):
     def onPing(self, payload):
         self.session.client_ping()
         super().onPing(payload)
-
-    def onCloseFrame(self, code, reasonRaw):
-        answered = super().onCloseFrame(code, reasonRaw)
-        if self.opened:
-            self.session.closed_by("client", self.remoteCloseCode, self.remoteCloseReason)
-        return answered
 
     def onClose(self, wasClean, code, reason):
         self.session.lost("client", wasClean)

@@ -19,7 +19,6 @@ from fwd.redis_scripts import (
     RedisTicket,
     admit_call,
     admit_result,
-    settle_call,
     settle_many,
     settle_record,
 )
@@ -40,7 +39,7 @@ class Scripts:
         return admit_result(call, self.client.evalsha(self.admit_sha, len(call.keys), *call.keys, *call.args))
 
     def settle(self, ticket: RedisTicket, tokens, cost, unix: float) -> None:
-        keys, args = settle_call(ticket, tokens, cost, unix)
+        keys, args = settle_many([settle_record(ticket, tokens, cost)], unix)
         self.client.evalsha(self.settle_sha, len(keys), *keys, *args)
 
     def settle_together(self, endings: list, unix: float) -> int:
