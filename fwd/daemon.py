@@ -9,6 +9,7 @@ from treq.client import HTTPClient
 from twisted.application import service
 
 from fwd import config as configuration
+from fwd import private
 from fwd.cache_store import CacheFile
 from fwd.gateway import Gateway
 from fwd.keycheck import KeyCheckService
@@ -136,5 +137,6 @@ def build_service(
         reload_service.reloader = top.reloader
     if hasattr(reactor, "callWhenRunning"):
         reactor.callWhenRunning(tune_gc)
+    private.dispatch_without_log_context(reactor)
     StartupReport(config, describe=inherited is None).setServiceParent(top)
     return top
