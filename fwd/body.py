@@ -167,7 +167,8 @@ class BytesProducer:
         self.length = len(body)
 
     def startProducing(self, consumer):
-        consumer.write(self.body)
+        body, self.body = self.body, b""  # the transport has it now; each attempt gets a producer of its own
+        consumer.write(body)
         return defer.succeed(None)
 
     def pauseProducing(self):

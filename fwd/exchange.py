@@ -11,6 +11,7 @@ import itertools
 import os
 import time
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.logger import Logger
@@ -64,6 +65,14 @@ def describe_failure(reason) -> str:
 
 class Exchange:
     """One client request and its upstream attempts, from sending to the last byte relayed."""
+
+    # One Exchange lives as long as its answer: slots instead of a __dict__ keep a held stream ~1.2 KB smaller.
+    __slots__ = (
+        "active", "admission", "attempts", "body", "body_size", "cached", "capture", "client_gone", "clock",
+        "config", "data_loss", "done", "facts", "gateway", "headers", "hit", "leading", "masker", "metering",
+        "pending", "relay", "replaying", "request", "sent", "started", "status", "stored_head", "stream", "ticket",
+        "transcribed", "transcript", "ttfb", "upstream_body", "waiting",
+    )
 
     def __init__(self, gateway, active, admission: access.Admission, request, target, facts, terms=None, ticket=None,
                  cached=None):
@@ -330,6 +339,7 @@ class Exchange:
     def _start_response(self, response) -> None:
         """Send the upstream's status and end-to-end headers to the client.  An error's body may quote the key
         it refused: it is relayed masked (fwd.masking), so its length is not known in advance."""
+        self._let_go_of_body()
         status = response.code
         self.masker = KeyMasker(self.secrets()) if status >= 400 else None
         self.ttfb = self.clock.seconds()
@@ -369,6 +379,21 @@ class Exchange:
                 (self.ttfb - self.started) * 1000,
                 stream,
             )
+
+    def _let_go_of_body(self) -> None:
+        """No attempt follows the one being answered: the request body (in memory or spooled), the copies read
+        from it and the headers built for the attempts are let go, so that a long stream does not hold its
+        prompt (nor its share of the memory budget of bodies) until it ends."""
+        body = self.body
+        if isinstance(body, RequestBody):
+            body.close()
+        if body is not None and self.request.content is body:
+            self.request.content = None
+        self.body = None
+        self.upstream_body = None
+        self.headers = None
+        if self.facts.body is not None:
+            self.facts = attrs.evolve(self.facts, body=None)
 
     def _limit_headers(self) -> None:
         """The x-ratelimit-* headers of a limited caller."""

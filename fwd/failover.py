@@ -17,6 +17,9 @@ from fwd.keys import KeyAttempts
 class UpstreamAttempts:
     """One request's attempts across its route's upstreams."""
 
+    __slots__ = ("active", "target", "model", "use_pool", "clock", "several", "translate", "tried", "upstream", "keys",
+                 "url", "sent_at", "open")
+
     def __init__(self, active, target, model, use_pool: bool, clock):
         """`active` is the route (fwd.gateway.ActiveRoute), `target` where the request goes below it, `model` the
         model it names (or None)."""

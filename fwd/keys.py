@@ -226,6 +226,8 @@ class KeyAttempts:
     """The pool keys one request tries in turn: each attempt takes the next key it has not tried, and an
     upstream refusal of a key rests or disables it before the request is replayed on the next."""
 
+    __slots__ = ("pool", "azure", "use_pool", "key", "tried")
+
     def __init__(self, pool: KeyPool, kind: str, use_pool: bool):
         self.pool = pool
         self.azure = kind == "azure"

@@ -24,6 +24,33 @@ class ForwardingTests(SynchronousTestCase):
         proxy.flush()
         return response, self.successResultOf(d)
 
+    def test_a_held_stream_does_not_hold_its_prompt(self):
+        # A long prompt streamed for a minute: once the answer is under way no other attempt can need the body,
+        # so its memory (and its share of the process's budget for bodies) is given back at once.
+        from fwd.body import SHARED_BUDGET
+
+        proxy = MemoryProxy()
+        before = SHARED_BUDGET.used
+        body = chat(stream=True, messages=[{"role": "user", "content": "x" * 200_000}])
+        d = proxy.client.post(
+            "http://proxy.test/v1/chat/completions",
+            data=body,
+            headers={"x-fake-chunks": "4", "x-fake-interval": "1"},
+        )
+        proxy.flush()
+        response = self.successResultOf(d)
+        received = []
+        finished = response.collect(received.append)
+        proxy.flush()
+        self.assertNoResult(finished)
+        self.assertIn(b"data: ", b"".join(received))
+        self.assertEqual(SHARED_BUDGET.used, before, "the streaming request still holds its body")
+        for _ in range(5):
+            proxy.advance(1)
+        self.successResultOf(finished)
+        self.assertTrue(b"".join(received).endswith(b"data: [DONE]\n\n"))
+        self.assertEqual(proxy.upstream.received[-1].body, body)
+
     def test_every_method_and_the_query_string_reach_the_upstream_verbatim(self):
         proxy = MemoryProxy()
         for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"):
