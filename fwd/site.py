@@ -181,18 +181,25 @@ class ForwardChannel(private.BadRequestHook, HTTPChannel):
     _in_head = False
     _busy = False
     _idle_timeout = None
+    _body_timeout = None  # a body is expected: its timeout, until armed at the end of the read that began it
 
     def dataReceived(self, data):
-        if self._head_deadline is None and data and self.line_mode and not self._busy:
-            self._start_head_deadline()
         super().dataReceived(data)
+        # The deadlines are armed once the bytes at hand are parsed: a request that came whole, the usual case,
+        # never needs one (each is a timer made and cancelled: about 2% of a request's CPU).
+        if self.transport is None or self.transport.disconnecting:
+            return
+        if self._body_timeout is not None:
+            self._arm_body_timeout()
+        elif self._head_deadline is None and data and self.line_mode and not self._busy and (
+            self._in_head or data[-1:] != b"\n"
+        ):
+            self._start_head_deadline()  # a head begun (or a first line cut short) and not complete yet
 
     def lineReceived(self, line):
         if not self._in_head:
             if line:
                 self._in_head = True
-                if self._head_deadline is None:
-                    self._start_head_deadline()
                 parts = line.split(b" ")
                 self.head_line = (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
         elif line[:1] in (b" ", b"\t"):
@@ -239,8 +246,13 @@ class ForwardChannel(private.BadRequestHook, HTTPChannel):
 
     def expect_body(self, body_timeout: float) -> None:
         """A request body is on its way: until it is complete, BODY_TIMEOUT of silence ends the connection.
-        (The idle timer is replaced, not reset to an earlier time: the reactor moves a call made sooner by a
-        linear search of its pending calls.)"""
+        Armed when the read that brought the head is parsed, unless the body came with it."""
+        self._body_timeout = body_timeout
+
+    def _arm_body_timeout(self) -> None:
+        # The idle timer is replaced, not reset to an earlier time: the reactor moves a call made sooner by a
+        # linear search of its pending calls.
+        body_timeout, self._body_timeout = self._body_timeout, None
         self._idle_timeout = self.setTimeout(None)
         self.setTimeout(body_timeout)
 
@@ -251,6 +263,7 @@ class ForwardChannel(private.BadRequestHook, HTTPChannel):
         super().timeoutConnection()
 
     def allContentReceived(self):
+        self._body_timeout = None  # the body came with its head: no timeout was armed for it
         if self._idle_timeout is not None:
             # twisted.web saves the timeout here and restores it when the answer is done: the idle one.
             self.setTimeout(None)

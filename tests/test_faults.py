@@ -613,6 +613,20 @@ def test_in_memory_a_trickled_request_head_gets_408_at_the_header_deadline_thoug
     assert proxy.clock.getDelayedCalls() == []
 
 
+def test_in_memory_a_head_sent_a_whole_line_at_a_time_gets_the_header_deadline_too():
+    # Every read ends at a line end, so no read leaves a partial line behind: the head is still not complete.
+    proxy = slow_memory_proxy()
+    protocol, transport = memory_connection(proxy)
+    protocol.dataReceived(b"GET /v1/models HTTP/1.1\r\n")
+    for n in range(HEADER_TIMEOUT_SECONDS + 1):
+        if transport.disconnecting:
+            break
+        proxy.clock.advance(1)
+        protocol.dataReceived(b"X-Line-%d: 1\r\n" % n)
+    assert n == HEADER_TIMEOUT_SECONDS
+    assert transport.disconnecting and b"HTTP/1.1 408 " in transport.value()
+
+
 def test_in_memory_a_pipelined_partial_head_behind_a_request_gets_the_header_deadline_too():
     proxy = slow_memory_proxy()
     protocol, transport = memory_connection(proxy)
