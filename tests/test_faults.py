@@ -627,6 +627,19 @@ def test_in_memory_a_head_sent_a_whole_line_at_a_time_gets_the_header_deadline_t
     assert transport.disconnecting and b"HTTP/1.1 408 " in transport.value()
 
 
+def test_in_memory_a_keep_alive_connection_idle_after_a_request_with_a_body_is_not_answered_408():
+    # The request's last byte is its body's, not a line end: nothing of a next head has arrived.
+    proxy = slow_memory_proxy()
+    protocol, transport = memory_connection(proxy)
+    protocol.dataReceived(b"POST /healthz HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\n\r\n{}")
+    proxy.flush()
+    assert split_response(transport.value())[0] == 200
+    proxy.clock.advance(HEADER_TIMEOUT_SECONDS + 1)
+    assert not transport.disconnecting and b" 408 " not in transport.value()
+    proxy.clock.advance(CONNECTION_IDLE_SECONDS)
+    assert transport.disconnecting and b" 408 " not in transport.value()
+
+
 def test_in_memory_a_pipelined_partial_head_behind_a_request_gets_the_header_deadline_too():
     proxy = slow_memory_proxy()
     protocol, transport = memory_connection(proxy)
