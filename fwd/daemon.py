@@ -137,6 +137,6 @@ def build_service(
         reload_service.reloader = top.reloader
     if hasattr(reactor, "callWhenRunning"):
         reactor.callWhenRunning(tune_gc)
-    private.dispatch_without_log_context(reactor)
+    private.lighten_reactor(reactor)
     StartupReport(config, describe=inherited is None).setServiceParent(top)
     return top

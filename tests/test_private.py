@@ -92,7 +92,7 @@ def _served_on_a_fresh_epoll_reactor(patched: bool, failing_close: bool = False)
     legacy.callWithLogger = counting
     try:
         if patched:
-            assert private.dispatch_without_log_context(reactor)
+            assert private.lighten_reactor(reactor)
         port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
         reactor.callWhenRunning(connect)
         reactor.callLater(10, reactor.stop)
@@ -133,4 +133,104 @@ def test_another_reactor_is_left_as_it_is():
     from twisted.internet.testing import MemoryReactorClock
 
     reactor = MemoryReactorClock()
-    assert private.dispatch_without_log_context(reactor) is False
+    assert private.lighten_reactor(reactor) is False
+
+
+def _fresh_reactor_serving(server_protocol, patched=True):
+    """A fresh epoll reactor (not the global one) listening on loopback with `server_protocol`; returns the
+    reactor, its port and the list of addWriter calls that reached epoll."""
+    from twisted.internet import epollreactor, protocol
+
+    reactor = epollreactor.EPollReactor()
+    registered = []
+    real = reactor.addWriter
+
+    def counting(writer):
+        registered.append(writer)
+        return real(writer)
+
+    reactor.addWriter = counting
+    if patched:
+        assert private.lighten_reactor(reactor)
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(server_protocol), interface="127.0.0.1")
+    return reactor, port, registered
+
+
+def _fetch(reactor, port, send=b"go", pause_reading_for=0.0):
+    """Connect, send `send`, read until the server closes; return what arrived."""
+    from twisted.internet import protocol
+
+    got = []
+
+    class Client(protocol.Protocol):
+        def connectionMade(self):
+            self.transport.write(send)
+            if pause_reading_for:
+                self.transport.pauseProducing()
+                reactor.callLater(pause_reading_for, self.transport.resumeProducing)
+
+        def dataReceived(self, data):
+            got.append(data)
+
+        def connectionLost(self, reason):
+            reactor.stop()
+
+    reactor.callWhenRunning(protocol.ClientCreator(reactor, Client).connectTCP, "127.0.0.1", port.getHost().port)
+    reactor.callLater(20, reactor.stop)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        port.stopListening()
+        reactor._poller.close()
+    return b"".join(got)
+
+
+def test_small_answers_are_sent_at_the_end_of_the_turn_without_waiting_for_a_write_event():
+    from twisted.internet import protocol
+
+    class Answer(protocol.Protocol):
+        def dataReceived(self, data):
+            self.transport.write(b"answer to " + data)
+            self.transport.loseConnection()
+
+    reactor, port, registered = _fresh_reactor_serving(Answer, patched=False)
+    assert _fetch(reactor, port) == b"answer to go"
+    assert len(registered) >= 2, "the stock reactor registers each write (the client's and the server's)"
+    reactor, port, registered = _fresh_reactor_serving(Answer)
+    assert _fetch(reactor, port) == b"answer to go"
+    assert registered == []
+
+
+def test_an_answer_larger_than_the_socket_takes_waits_for_the_reader_and_arrives_whole():
+    from twisted.internet import protocol
+
+    body = bytes(range(256)) * (32 * 1024)  # 8 MiB: far more than a loopback socket buffers
+
+    class Big(protocol.Protocol):
+        def dataReceived(self, data):
+            self.transport.write(body)
+            self.transport.loseConnection()
+
+    reactor, port, registered = _fresh_reactor_serving(Big)
+    assert _fetch(reactor, port, pause_reading_for=0.3) == body
+    assert registered, "what the kernel did not take at once waits for a write event"
+
+
+def test_a_write_made_by_a_timer_goes_out_in_the_same_turn():
+    import time
+
+    from twisted.internet import protocol
+
+    class Later(protocol.Protocol):
+        def dataReceived(self, data):
+            self.factory_reactor.callLater(0.05, self.answer)
+
+        def answer(self):
+            self.transport.write(b"later")
+            self.transport.loseConnection()
+
+    reactor, port, registered = _fresh_reactor_serving(Later)
+    Later.factory_reactor = reactor
+    started = time.monotonic()
+    assert _fetch(reactor, port) == b"later"
+    assert time.monotonic() - started < 2
