@@ -48,6 +48,10 @@ def daemon(tmp_path, upstream):
     upstream.reset()
     upstream.set_keys({POOL_A: None, POOL_B: None})
     with DaemonProcess(["--config", "gateway.toml", "--data-dir", "data", "--log-chat"], cwd=str(tmp_path)) as proxy:
+        # The startup key check asks the upstream about each pool key: a test that changes what the upstream says
+        # of a key must not race it.
+        for key in (POOL_A, POOL_B):
+            assert "key check of sk-…" + key[-4:] + ": accepted" in proxy.wait_for("key check of sk-…" + key[-4:])
         yield proxy
 
 
