@@ -149,7 +149,12 @@ def lighten_reactor(reactor) -> bool:
         unregister(writer)
 
     def flush():
-        while pending:
+        # The connections pending when the flush began: one that writes again as it is flushed (a producer
+        # resumed by its drained buffer) waits for the next turn, as with a write event, so that it cannot keep
+        # the reactor to itself.
+        for _ in range(len(pending)):
+            if not pending:
+                break
             writer = next(iter(pending))
             del pending[writer]
             current[0], current[1] = writer, False
