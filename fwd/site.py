@@ -181,31 +181,24 @@ class ForwardChannel(private.BadRequestHook, HTTPChannel):
     _in_head = False
     _busy = False
     _idle_timeout = None
-    _partial_line = False
     _body_timeout = None  # a body is expected: its timeout, until armed at the end of the read that began it
 
     def dataReceived(self, data):
-        # Whether these bytes end inside a line: set again by each nested call (twisted.web hands the bytes after
-        # a request back to this method when it is done), cleared when what follows is a body or held back.
-        self._partial_line = self.line_mode and data[-1:] != b"\n"
+        # The head deadline runs from the first byte of a head, whatever those bytes are (lines need not end).
+        if self._head_deadline is None and data and self.line_mode and not self._busy:
+            self._start_head_deadline()
         super().dataReceived(data)
-        # The deadlines are armed once the bytes at hand are parsed: a request that came whole, the usual case,
-        # never needs one (each is a timer made and cancelled).
-        if self.transport is None or self.transport.disconnecting:
-            return
-        if self._body_timeout is not None:
+        # The body timeout is armed once the bytes at hand are parsed: a body that came with its head, the usual
+        # case, never needs one (a timer made and cancelled, and the idle one put back, each request).
+        if self._body_timeout is not None and self.transport is not None and not self.transport.disconnecting:
             self._arm_body_timeout()
-        elif self._head_deadline is None and self.line_mode and not self._busy and (self._in_head or self._partial_line):
-            self._start_head_deadline()  # a head begun (or its first line cut short) and not complete yet
-
-    def setRawMode(self):
-        self._partial_line = False  # the rest of these bytes is a body, or requests held back until this one is done
-        super().setRawMode()
 
     def lineReceived(self, line):
         if not self._in_head:
             if line:
                 self._in_head = True
+                if self._head_deadline is None:
+                    self._start_head_deadline()  # a head behind a request answered in this same read
                 parts = line.split(b" ")
                 self.head_line = (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
         elif line[:1] in (b" ", b"\t"):

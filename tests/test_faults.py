@@ -627,6 +627,36 @@ def test_in_memory_a_head_sent_a_whole_line_at_a_time_gets_the_header_deadline_t
     assert transport.disconnecting and b"HTTP/1.1 408 " in transport.value()
 
 
+def test_in_memory_a_head_whose_lines_never_end_gets_the_header_deadline_too():
+    # Reads that each end in a bare LF: twisted.web's lines end in CRLF, so not one line of this head is ever
+    # complete; a byte every 74 s would otherwise hold the connection open until the line limit, for days.
+    proxy = slow_memory_proxy()
+    protocol, transport = memory_connection(proxy)
+    protocol.dataReceived(b"GET /v1/models HTTP/1.1\n")
+    for n in range(1, 100):
+        proxy.clock.advance(1)
+        if transport.disconnecting:
+            break
+        protocol.dataReceived(b"\n")
+    assert n == HEADER_TIMEOUT_SECONDS
+    assert b"HTTP/1.1 408 " in transport.value()
+
+
+def test_in_memory_a_head_trickled_behind_a_request_answered_at_once_gets_the_header_deadline_too():
+    proxy = slow_memory_proxy()
+    protocol, transport = memory_connection(proxy)
+    protocol.dataReceived(b"POST /healthz HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\n\r\n{}GET / HTTP/1.1\n")
+    proxy.flush()
+    assert transport.value().count(b"HTTP/1.1 200 ") == 1
+    for n in range(1, 100):
+        proxy.clock.advance(1)
+        if transport.disconnecting:
+            break
+        protocol.dataReceived(b"\n")
+    assert n == HEADER_TIMEOUT_SECONDS
+    assert b"HTTP/1.1 408 " in transport.value()
+
+
 def test_in_memory_a_keep_alive_connection_idle_after_a_request_with_a_body_is_not_answered_408():
     # The request's last byte is its body's, not a line end: nothing of a next head has arrived.
     proxy = slow_memory_proxy()
