@@ -45,6 +45,8 @@ Tests: tests/test_private.py
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from select import EPOLLOUT
 
 from twisted.internet import epollreactor
@@ -132,9 +134,14 @@ def lighten_reactor(reactor) -> bool:
     was changed."""
     if not isinstance(reactor, epollreactor.EPollReactor):
         return False
+    if reactor in _LIGHTENED:
+        return True  # twice would stack a second pending list whose writers nothing flushes
+    _LIGHTENED.add(reactor)
     poller, selectables, writes, handle = reactor._poller, reactor._selectables, reactor._writes, reactor._doReadOrWrite
-    register, unregister = reactor.addWriter, reactor.removeWriter
-    pending: dict = {}  # connections that wrote this turn, in order, not registered for write events
+    register, unregister, remove_all = reactor.addWriter, reactor.removeWriter, reactor.removeAll
+    # Connections that wrote this turn, in order, not registered for write events (an OrderedDict: taking the
+    # first of a plain dict again and again scans the deleted slots, quadratic in the writers of a turn).
+    pending: OrderedDict = OrderedDict()
     current = [None, False]  # the connection being flushed, and whether it stopped writing meanwhile
 
     def addWriter(writer):
@@ -155,8 +162,7 @@ def lighten_reactor(reactor) -> bool:
         for _ in range(len(pending)):
             if not pending:
                 break
-            writer = next(iter(pending))
-            del pending[writer]
+            writer, _ = pending.popitem(last=False)
             current[0], current[1] = writer, False
             try:
                 handle(writer, writer.fileno(), EPOLLOUT)
@@ -193,9 +199,25 @@ def lighten_reactor(reactor) -> bool:
         if pending:
             flush()
 
-    reactor.addWriter, reactor.removeWriter = addWriter, removeWriter
+    def removeAll():
+        # Shutdown disconnects what this returns: a connection that wrote this turn while not reading (an
+        # HTTP/1.1 channel answering) is in neither of the reactor's sets, only here.
+        found = remove_all()
+        known = set(found)
+        found += [writer for writer in pending if writer not in known]
+        pending.clear()
+        return found
+
+    def getWriters():
+        return list(pending) + [writer for writer in reactor.__class__.getWriters(reactor) if writer not in pending]
+
+    reactor.addWriter, reactor.removeWriter, reactor.removeAll, reactor.getWriters = (
+        addWriter, removeWriter, removeAll, getWriters)
     reactor.doPoll = reactor.doIteration = doPoll
     return True
+
+
+_LIGHTENED: weakref.WeakSet = weakref.WeakSet()
 
 
 # (owner, attribute): what must exist for the daemon to work as documented.

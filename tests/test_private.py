@@ -234,3 +234,50 @@ def test_a_write_made_by_a_timer_goes_out_in_the_same_turn():
     started = time.monotonic()
     assert _fetch(reactor, port) == b"later"
     assert time.monotonic() - started < 2
+
+
+def test_lightening_a_reactor_twice_changes_nothing_more():
+    from twisted.internet import protocol
+
+    body = bytes(range(256)) * (32 * 1024)
+
+    class Big(protocol.Protocol):
+        def dataReceived(self, data):
+            self.transport.write(body)
+            self.transport.loseConnection()
+
+    reactor, port, _ = _fresh_reactor_serving(Big)
+    assert private.lighten_reactor(reactor)
+    assert _fetch(reactor, port, pause_reading_for=0.3) == body
+
+
+def test_a_connection_with_a_write_under_way_is_closed_at_shutdown():
+    from twisted.internet import epollreactor, protocol
+
+    reactor = epollreactor.EPollReactor()
+    assert private.lighten_reactor(reactor)
+    lost = []
+
+    class Answering(protocol.Protocol):
+        def dataReceived(self, data):
+            self.transport.pauseProducing()  # as an HTTP/1.1 channel does while it answers
+            # The process is told to stop, and something writes on the connection as it does.
+            reactor.addSystemEventTrigger("before", "shutdown", self.transport.write, b"a last word")
+            reactor.stop()
+
+        def connectionLost(self, reason):
+            lost.append("server")
+
+    class Client(protocol.Protocol):
+        def connectionMade(self):
+            self.transport.write(b"go")
+
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Answering), interface="127.0.0.1")
+    reactor.callWhenRunning(protocol.ClientCreator(reactor, Client).connectTCP, "127.0.0.1", port.getHost().port)
+    reactor.callLater(10, reactor.stop)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        reactor._poller.close()
+    assert lost == ["server"]
+    assert reactor.getWriters() == []
