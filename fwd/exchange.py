@@ -381,15 +381,16 @@ class Exchange:
             )
 
     def _let_go_of_body(self) -> None:
-        """No attempt follows the one being answered: the request body (in memory or spooled), the copies read
-        from it and the headers built for the attempts are let go, so that a long stream does not hold its
-        prompt (nor its share of the memory budget of bodies) until it ends."""
+        """No attempt follows the one being answered: the request body held in memory, the copies read from it
+        and the headers built for the attempts are let go, so that a long stream does not hold its prompt (nor
+        its share of the memory budget of bodies) until it ends.  A body spooled to a file stays until the
+        exchange ends: an upstream may answer before it has read all of it, while its producer still sends."""
         body = self.body
-        if isinstance(body, RequestBody):
+        if isinstance(body, RequestBody) and not body.spooled:
             body.close()
-        if body is not None and self.request.content is body:
-            self.request.content = None
-        self.body = None
+            if self.request.content is body:
+                self.request.content = None
+            self.body = None
         self.upstream_body = None
         self.headers = None
         if self.facts.body is not None:

@@ -441,6 +441,35 @@ def memory_chat(stream: bool, extra: bytes = b"") -> bytes:
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
 
 
+def test_in_memory_a_spooled_body_stays_open_until_its_stream_ends_a_small_one_is_let_go_at_once():
+    # An upstream may answer before it has read all of a big body while the body's producer still sends from
+    # its file: closing that file when the answer starts broke the send (an error logged each time).  A body
+    # in memory is sent in one write, so it is let go as soon as the answer starts.
+    from fwd.body import SPOOL_AT
+
+    proxy = MemoryProxy()
+    for size, spooled in ((SPOOL_AT + 1, True), (1000, False)):
+        protocol, transport = memory_connection(proxy)
+        body = chat_body("x" * size, stream=True)
+        protocol.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
+                              b"x-fake-chunks: 4\r\nx-fake-interval: 1\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for start in range(0, len(body), 65536):
+            protocol.dataReceived(body[start:start + 65536])
+        for _ in range(40):  # a spooled body goes upstream a piece per slice of the cooperator
+            proxy.advance(0.01)
+        request = protocol.channel.requests[0]
+        assert b"data: " in transport.value()
+        if spooled:
+            assert request.content is not None and request.content.spooled and not request.content.closed
+        else:
+            assert request.content is None
+        for _ in range(6):
+            proxy.advance(1)
+        assert transport.value().endswith(b"0\r\n\r\n")
+        assert request.content is None or request.content.closed
+        assert proxy.upstream.received[-1].body == body
+
+
 ABORTS = {
     "before-headers": memory_chat(False, b"x-fake-fail: hang-before-headers\r\n"),
     "mid-stream": memory_chat(True, b"x-fake-chunks: 50\r\nx-fake-interval: 1\r\n"),
