@@ -28,8 +28,8 @@ Tests: tests/test_private.py
   names are hop-by-hop and must not reach the client (RFC 9110 7.6.1).  The upstream connections' protocol
   hands each response that header as `response.connection`.
 - `EPollReactor._poller`, `._selectables`, `._writes`, `._doReadOrWrite`: two costs of the epoll reactor on every
-  request, which `lighten_reactor` takes off the running reactor (its poll, addWriter and
-  removeWriter are replaced on the instance; the handler of each event is the reactor's own):
+  request, which `lighten_reactor` takes off the running reactor (its poll, addWriter, removeWriter, removeAll
+  and getWriters are replaced on the instance; the handler of each event is the reactor's own):
   - it hands every I/O event to its connection through `log.callWithLogger`, which asks the connection for its
     log prefix and pushes and pops a legacy log context (two dict copies) around it.  The poll calls the same
     handler directly, with the same catch-and-log of what it lets out.  Measured with benchmarks/cpu_ab.py,
