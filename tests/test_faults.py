@@ -642,17 +642,24 @@ def test_in_memory_a_trickled_request_head_gets_408_at_the_header_deadline_thoug
     assert proxy.clock.getDelayedCalls() == []
 
 
+def seconds_until_closed(proxy, protocol, transport, piece, limit: int = 100) -> int:
+    """Send the bytes `piece(n)` gives in second n, once a second, until the proxy closes the connection; return
+    the seconds it took (`limit` if it never did)."""
+    for n in range(1, limit):
+        proxy.clock.advance(1)
+        if transport.disconnecting:
+            return n
+        protocol.dataReceived(piece(n))
+    return limit
+
+
 def test_in_memory_a_head_sent_a_whole_line_at_a_time_gets_the_header_deadline_too():
     # Every read ends at a line end, so no read leaves a partial line behind: the head is still not complete.
     proxy = slow_memory_proxy()
     protocol, transport = memory_connection(proxy)
     protocol.dataReceived(b"GET /v1/models HTTP/1.1\r\n")
-    for n in range(HEADER_TIMEOUT_SECONDS + 1):
-        if transport.disconnecting:
-            break
-        proxy.clock.advance(1)
-        protocol.dataReceived(b"X-Line-%d: 1\r\n" % n)
-    assert n == HEADER_TIMEOUT_SECONDS
+    seconds = seconds_until_closed(proxy, protocol, transport, lambda n: b"X-Line-%d: 1\r\n" % n)
+    assert seconds == HEADER_TIMEOUT_SECONDS
     assert transport.disconnecting and b"HTTP/1.1 408 " in transport.value()
 
 
@@ -662,12 +669,7 @@ def test_in_memory_a_head_whose_lines_never_end_gets_the_header_deadline_too():
     proxy = slow_memory_proxy()
     protocol, transport = memory_connection(proxy)
     protocol.dataReceived(b"GET /v1/models HTTP/1.1\n")
-    for n in range(1, 100):
-        proxy.clock.advance(1)
-        if transport.disconnecting:
-            break
-        protocol.dataReceived(b"\n")
-    assert n == HEADER_TIMEOUT_SECONDS
+    assert seconds_until_closed(proxy, protocol, transport, lambda n: b"\n") == HEADER_TIMEOUT_SECONDS
     assert b"HTTP/1.1 408 " in transport.value()
 
 
@@ -677,12 +679,7 @@ def test_in_memory_a_head_trickled_behind_a_request_answered_at_once_gets_the_he
     protocol.dataReceived(b"POST /healthz HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\n\r\n{}GET / HTTP/1.1\n")
     proxy.flush()
     assert transport.value().count(b"HTTP/1.1 200 ") == 1
-    for n in range(1, 100):
-        proxy.clock.advance(1)
-        if transport.disconnecting:
-            break
-        protocol.dataReceived(b"\n")
-    assert n == HEADER_TIMEOUT_SECONDS
+    assert seconds_until_closed(proxy, protocol, transport, lambda n: b"\n") == HEADER_TIMEOUT_SECONDS
     assert b"HTTP/1.1 408 " in transport.value()
 
 
