@@ -131,6 +131,7 @@ class Relay(Protocol):
     def connectionLost(self, reason):
         if self.idle is not None and self.idle.active():
             self.idle.cancel()
+        self.idle = None  # the timer points back here, through its call
         self.exchange.body_done(reason)
 
     def _silent(self):

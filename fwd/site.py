@@ -64,7 +64,7 @@ class ForwardRequest(Request):
     admission = None
     limited = None  # why the limits refused it (fwd.limits.Refusal.reason), for the access event
     received = 0
-    exchange = None
+    forwarded = False  # an Exchange (fwd.exchange) took it: it owns its body and logs it
     gone = False
 
     def gotLength(self, length):
@@ -168,7 +168,7 @@ class ForwardRequest(Request):
     def connectionLost(self, reason):
         self.gone = True
         super().connectionLost(reason)
-        if self.content is not None and self.exchange is None:
+        if self.content is not None and not self.forwarded:
             self.content.close()
 
 
@@ -341,7 +341,7 @@ class ForwardSite(Site):
 
     def log(self, request):
         """Access-log what was answered without an exchange; forwarded requests are logged when theirs ends."""
-        if request.exchange is not None:
+        if request.forwarded:
             return
         self.access.answered(request)
 

@@ -51,6 +51,44 @@ class ForwardingTests(SynchronousTestCase):
         self.assertTrue(b"".join(received).endswith(b"data: [DONE]\n\n"))
         self.assertEqual(proxy.upstream.received[-1].body, body)
 
+    def test_an_ended_exchange_is_freed_as_it_ends_not_left_to_the_garbage_collector(self):
+        # A request left in a reference cycle waits for the garbage collector, whose pauses (milliseconds each,
+        # every few hundred requests) become the tail of every client's latency.
+        import gc
+
+        from twisted.internet.base import DelayedCall
+
+        from fwd.exchange import Exchange
+        from fwd.relay import Relay
+        from fwd.site import ForwardRequest
+
+        proxy = MemoryProxy()
+        body = {False: chat(), True: chat(stream=True)}
+
+        def exchange(stream):
+            transport = proxy.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-fake-chunks: 3\r\n"
+                                  b"x-fake-interval: 0\r\nContent-Length: %d\r\n\r\n%s" % (len(body[stream]), body[stream]))
+            proxy.advance(0.1)
+            self.assertEqual(split_response(transport.value())[0], 200)
+            proxy.raw_protocol.connectionLost(Failure(ConnectionDone()))
+            proxy.flush()
+
+        for stream in (False, True):  # the first of each kind: pools and caches that live on
+            exchange(stream)
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for stream in (False, True, False, True):
+                exchange(stream)
+            proxy.raw_protocol = None
+            gc.collect()
+            left = sorted({type(o).__name__ for o in gc.garbage
+                           if isinstance(o, (ForwardRequest, Exchange, Relay, DelayedCall))})
+        finally:
+            gc.set_debug(0)
+            del gc.garbage[:]
+        self.assertEqual(left, [], "an exchange ended in a reference cycle")
+
     def test_every_method_and_the_query_string_reach_the_upstream_verbatim(self):
         proxy = MemoryProxy()
         for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"):
