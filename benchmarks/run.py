@@ -8,7 +8,8 @@ Columns: fwd (this checkout as installed), fwd+chat (transcripts on), fwd+limits
 forward key with an rpm, a tpm and a token budget, usage counted into the ledger), fwd+redis (fwd+limits with
 those limits shared through a redis-server this script starts on loopback), fwd+cache-hit (the response cache
 on: every request after the first is answered from it), fwd@REV (the code of git revision
-REV, from --baseline, for a before/after in one run), reference (openai-forward 0.8.1), nginx.
+REV, from --baseline, for a before/after in one run), fwd-workers=N (fwd with --workers N; N may be auto: one per
+core), reference (openai-forward 0.8.1), nginx.
 
 Starts benchmarks/upstream.py (fake OpenAI upstream) and the three proxies on
 their own 127.0.0.1 ports, all pointing at that upstream, then measures, rounds
@@ -18,12 +19,15 @@ alternating between the proxies so machine noise hits all of them alike:
   b. streams   wrk, 200 connections, "stream": true, 20 SSE chunks each -> completed streams/s, errors
   c. latency   sequential requests through the proxy minus direct to the upstream (p50/p99),
                and added time-to-first-chunk of a stream with 0.05 s between chunks
+  h. half      plain requests paced at half the rate a. measured for that proxy in the same round (16
+               connections, wrk's delay()), then the same pace direct to the upstream: p99 through the proxy
+               minus p99 direct = added p99 at half load
   d. RSS       holding 2,000 concurrent open streams (1 chunk/s) -> KB per open stream
   e. slow      a client reading a 200 MB body slowly -> proxy RSS growth (backpressure)
   f. realtime  (fwd only) the Realtime API over WebSocket, through a fresh fwd to an echo upstream
                (benchmarks/realtime.py): added latency per frame p50/p99, and KB per session with 200 open
 
-a-c run every round; d and e run once, after the rounds (--mem-rounds to repeat); f runs once, last.
+a-c and h run every round; d and e run once, after the rounds (--mem-rounds to repeat); f runs once, last.
 Everything runs on loopback, every load is bounded in time, and everything started here is stopped
 on exit, Ctrl-C or error. Temp files live in one temp dir that is removed at the end (--keep-tmp).
 """
@@ -54,8 +58,10 @@ REF_VENV = HERE / ".venv-reference"
 REF_PKGS = ["openai-forward==0.8.1", "pyyaml"]  # it imports yaml without declaring it
 # fwd+chat: this proxy with LOG_CHAT=true; fwd+limits: with limits and a budget on the forward key every request
 # uses; fwd+redis: fwd+limits deciding through Redis; fwd+cache-hit: the response cache answering (the load repeats
-# one request); fwd@REV: the revision given with --baseline
-PROXIES = ("fwd", "fwd+chat", "fwd+limits", "fwd+redis", "fwd+cache-hit", "fwd@", "reference", "nginx")
+# one request); fwd@REV: the revision given with --baseline; fwd-workers=N: fwd with WORKERS=N (a number or auto)
+PROXIES = ("fwd", "fwd+chat", "fwd+limits", "fwd+redis", "fwd+cache-hit", "fwd@", "fwd-workers=", "reference",
+           "nginx")
+WORKERS_COLUMN = re.compile(r"fwd-workers=(\d+|auto)$")
 HOST = "127.0.0.1"
 
 CHAT_BODY = '{"model":"gpt-3.5-turbo","messages":[{"role":"user","content":"Say hello in one short sentence."}]}'
@@ -376,6 +382,17 @@ function done(summary, latency, requests)
 end
 """
 
+# Pacing for h: each connection waits `delay()` ms between a response and its next request; a fractional mean
+# is reached by choosing between the two whole numbers around it (wrk's timers count whole milliseconds).
+WRK_PACED = WRK_PLAIN + """\
+function init(args) math.randomseed(os.time() + math.floor(os.clock() * 1e6)) end
+function delay()
+  if math.random() < {fraction} then return {whole} + 1 end
+  return {whole}
+end
+"""
+PACED_CONNECTIONS = 16
+
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
 
 
@@ -498,6 +515,30 @@ def added_latency(port, up_port, n, warm):
         "added_p50_ms": pct(prox, 50) - pct(direct, 50),
         "added_p99_ms": pct(prox, 99) - pct(direct, 99),
     }
+
+
+def half_load(url, port, up_url, up_port, saturated, latency_ms, duration, cpus, tmp):
+    """h: plain requests at half the saturated rate `saturated`, through the proxy and then direct to the upstream
+    at the same pace; wrk's p50/p99 of each and the p99 the proxy adds."""
+    target = saturated / 2.0
+    # Each connection's cycle is one response time plus its delay: PACED_CONNECTIONS cycles make `target`.
+    delay_ms = max(0.0, PACED_CONNECTIONS * 1000.0 / target - latency_ms)
+    found = {"target_rps": target, "delay_ms": delay_ms}
+    for who, where, at in (("proxy", url, port), ("direct", up_url, up_port)):
+        script = os.path.join(tmp, "paced.%d.lua" % at)
+        Path(script).write_text(WRK_PACED.format(body=CHAT_BODY, auth=auth(at), whole=int(delay_ms),
+                                                 fraction="%.3f" % (delay_ms - int(delay_ms))))
+        r = run_wrk(where, script, PACED_CONNECTIONS, duration, 1, cpus)
+        if "rps" not in r:
+            return {"error": "%s: %s" % (who, r.get("error"))}
+        found[who] = {k: r.get(k) for k in ("rps", "p50_ms", "p99_ms", "errors")}
+    found["rps"] = found["proxy"]["rps"]
+    found["of_saturated"] = found["rps"] / saturated
+    found["p99_ms"] = found["proxy"]["p99_ms"]
+    found["errors"] = found["proxy"]["errors"]
+    if found["proxy"]["p99_ms"] is not None and found["direct"]["p99_ms"] is not None:
+        found["added_p99_ms"] = found["proxy"]["p99_ms"] - found["direct"]["p99_ms"]
+    return found
 
 
 def first_chunk_time(port, path, timeout=5.0):
@@ -737,6 +778,9 @@ METRICS = [
     ("added latency p50 ms", "latency", "added_p50_ms", "lower", "%.3f"),
     ("added latency p99 ms", "latency", "added_p99_ms", "lower", "%.3f"),
     ("added TTFC p50 ms", "ttfc", "added_ttfc_p50_ms", "lower", "%.3f"),
+    ("req/s paced at half the saturated rate", "half", "rps", "info", "%.0f"),
+    ("p99 ms at half rate (wrk)", "half", "p99_ms", "lower", "%.2f"),
+    ("added p99 ms at half rate", "half", "added_p99_ms", "lower", "%.2f"),
     ("RSS idle after load MB", "idle", "rss_kb", "lower", "%.1f"),
     ("RSS fresh process MB", "hold", "rss_before_kb", "lower", "%.1f"),
     ("streams open of {streams} (first chunk seen)", "hold", "open", "higher", "%.0f"),
@@ -793,10 +837,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="rounds of a-c, alternating proxies (default 2)")
     ap.add_argument("--mem-rounds", type=int, default=1, help="rounds of d-e, after the others (default 1)")
     ap.add_argument("--only", default="fwd,reference,nginx",
-                    help="comma list of fwd,fwd+chat,fwd+limits,fwd+redis,reference,nginx (fwd+chat: with transcripts "
-                         "on; fwd+limits: limits, a budget and usage counting on every request; fwd+redis: the same "
-                         "limits shared through a local redis-server; fwd+cache-hit: answered by the response cache)")
-    ap.add_argument("--skip", default="", help="comma list of tests to skip: plain,streams,latency,mem,slow,realtime")
+                    help="comma list of fwd,fwd+chat,fwd+limits,fwd+redis,fwd+cache-hit,fwd-workers=N,reference,nginx "
+                         "(fwd+chat: with transcripts on; fwd+limits: limits, a budget and usage counting on every "
+                         "request; fwd+redis: the same limits shared through a local redis-server; fwd+cache-hit: "
+                         "answered by the response cache; fwd-workers=N: --workers N, N a number or auto)")
+    ap.add_argument("--skip", default="", help="comma list of tests to skip: plain,streams,latency,half,mem,slow,realtime")
     ap.add_argument("--realtime-sessions", type=int, default=200, help="sessions held at once for f (default 200)")
     ap.add_argument("--realtime-frames", type=int, default=2000, help="frames timed one by one for f (default 2000)")
     ap.add_argument("--json", help="write raw results here")
@@ -825,7 +870,7 @@ def main(argv=None):
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     if args.baseline and not any(n.startswith("fwd@") for n in names):
         names.insert(1 if "fwd" in names else 0, "fwd@" + args.baseline)
-    bad = [n for n in names if n not in PROXIES and not n.startswith("fwd@")]
+    bad = [n for n in names if n not in PROXIES and not n.startswith("fwd@") and not WORKERS_COLUMN.match(n)]
     if bad:
         ap.error("unknown proxy %s (choose from %s)" % (bad, ", ".join(PROXIES)))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -922,6 +967,8 @@ def main(argv=None):
                     extra.append("REDIS_URL=" + (redis_url or ""))
                 spec, err = (None, err) if err else fwd_command(args, port, up_port, extra, ["--config", toml])
                 AUTH_BY_PORT[port] = "Bearer " + LIMITED_KEY
+            elif WORKERS_COLUMN.match(name):
+                spec, err = fwd_command(args, port, up_port, ["WORKERS=" + WORKERS_COLUMN.match(name).group(1)])
             elif name.startswith("fwd@"):
                 tree, err = checkout(name[4:], tmp)
                 spec, err = (None, err) if err else fwd_command(args, port, up_port, ["PYTHONPATH=" + tree])
@@ -1031,6 +1078,10 @@ def main(argv=None):
                 if "latency" not in skip:
                     r["latency"] = added_latency(port, up_port, args.latency_n, 30)
                     r["ttfc"] = added_ttfc(port, up_port, 20)
+                if "half" not in skip and r.get("plain", {}).get("rps"):
+                    r["half"] = half_load(url % port, port, url % up_port, up_port, r["plain"]["rps"],
+                                          r.get("latency", {}).get("proxy_p50_ms") or 1.0, args.duration, pin_load,
+                                          tmp)
                 results["proxies"][name]["rounds"].append(r)
                 for part in ("plain", "streams"):
                     if r.get(part, {}).get("errors") or r.get(part, {}).get("error"):
@@ -1038,11 +1089,12 @@ def main(argv=None):
                             name, part, r[part].get("non2xx"), r[part].get("bad_streams"),
                             r[part].get("socket_error_kinds"), r[part].get("error", "")))
                 log("round %d %-9s plain %s req/s (err %s, p99 %s ms) | streams %s/s (err %s) | +p50 %s ms "
-                    "+ttfc %s ms" % (
+                    "+ttfc %s ms | half rate %s req/s +p99 %s ms" % (
                         rnd + 1, name, _r(r.get("plain", {}).get("rps")), r.get("plain", {}).get("errors"),
                         _r(r.get("plain", {}).get("p99_ms"), 2),
                         _r(r.get("streams", {}).get("completed_per_s")), r.get("streams", {}).get("errors"),
-                        _r(r.get("latency", {}).get("added_p50_ms"), 3), _r(r.get("ttfc", {}).get("added_ttfc_p50_ms"), 3)))
+                        _r(r.get("latency", {}).get("added_p50_ms"), 3), _r(r.get("ttfc", {}).get("added_ttfc_p50_ms"), 3),
+                        _r(r.get("half", {}).get("rps")), _r(r.get("half", {}).get("added_p99_ms"), 2)))
 
         if args.profile and "fwd" in live:
             served = sum((r.get("plain", {}).get("requests") or 0) + (r.get("streams", {}).get("completed") or 0)
