@@ -1,9 +1,11 @@
 """`--workers N`: the supervisor that binds the listening sockets once and keeps N worker processes serving
 them.  Tests: tests/test_workers.py
 
-The twistd process becomes the supervisor.  It binds every `--port` once (Twisted's own endpoint parsing, so
+The twistd process becomes the supervisor.  It binds every `--port` (Twisted's own endpoint parsing, so
 tcp, ssl and unix all work), stops accepting on them itself, and starts N workers (`python -m fwd.worker`)
-that adopt the sockets and accept in turn.  The supervisor reads the configuration (at start and on SIGHUP)
+that adopt the sockets and accept on them.  A TCP port (with or without TLS) is bound once per worker with
+SO_REUSEPORT, so the kernel spreads connections evenly (fwd.listeners.sockets_per_worker); the others are
+bound once and shared.  The supervisor reads the configuration (at start and on SIGHUP)
 and sends each worker the sources it was read from over a control line (fd 4): a refused reload sends nothing,
 so a worker started after it serves the last good configuration.  Each worker logs twisted.logger events as
 JSON lines on its stdout, which the supervisor republishes, and sends transcript frames over a second line
@@ -32,7 +34,7 @@ from fwd import settings
 from fwd.ledger import Ledger
 from fwd.lifecycle import RESTART_ONLY, StartupReport
 from fwd.limits import Limiter
-from fwd.listeners import listen_now, parse_endpoint
+from fwd.listeners import listen_now, parse_endpoint, sockets_per_worker
 from fwd.metrics import MetricsService
 from fwd.quota import budgets_of
 from fwd.quota_line import QuotaServer
@@ -123,6 +125,7 @@ class Supervisor(service.MultiService):
         self.transcripts = transcripts
         self.reactor = reactor
         self.clock = reactor
+        # Per --port, in order: one Twisted port the workers share, or a list of sockets, one per worker.
         self.ports: list = []
         self.workers: dict[int, WorkerProtocol] = {}
         self.backoffs: dict[int, RestartBackoff] = {}
@@ -153,6 +156,12 @@ class Supervisor(service.MultiService):
         placeholder = protocol.Factory.forProtocol(protocol.Protocol)
         placeholder.noisy = False
         for description, endpoint in self.endpoints:
+            own = sockets_per_worker(description, self.config.workers)
+            if own is not None:
+                self.ports.append(own)
+                log.info("{count} sockets of {description}, one per worker, starting on {port}", count=len(own),
+                         description=description, port=own[0].getsockname()[1])
+                continue
             port = listen_now(endpoint, placeholder, description)
             port.stopReading()  # the workers accept on it, not this process
             self.ports.append(port)
@@ -165,7 +174,7 @@ class Supervisor(service.MultiService):
     def spawn(self, number: int) -> None:
         if self.stopping:
             return
-        fds = [port.fileno() for port in self.ports]
+        fds = [port[number - 1].fileno() if isinstance(port, list) else port.fileno() for port in self.ports]
         env = dict(os.environ)
         env[ENV_FDS] = ",".join(map(str, fds))
         child_fds = {0: "w", 1: "r", 2: "r"}
@@ -290,7 +299,11 @@ class Supervisor(service.MultiService):
         ]
         self.signal_workers(signal.SIGTERM)
         for port in self.ports:
-            port.stopListening()
+            if isinstance(port, list):
+                for listening in port:
+                    listening.close()
+            else:
+                port.stopListening()
         grace = self.config.grace_period + 5
         done = defer.DeferredList(ended)
         done.addTimeout(grace, self.clock).addErrback(lambda _: self.signal_workers(signal.SIGKILL))

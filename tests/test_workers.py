@@ -66,6 +66,26 @@ def test_workers_share_the_port_and_a_dead_worker_is_replaced(upstream, tmp_path
     assert wait_until(lambda: not any(alive(pid) for pid in workers), timeout=15), "SIGTERM stops every worker"
 
 
+def test_connections_opened_at_once_are_spread_over_the_workers(upstream):
+    # Workers sharing one socket took such a burst 31 to 1; with a socket each the kernel spreads them.
+    import http.client
+
+    with DaemonProcess(["--workers", "2"], env={"OPENAI_BASE_URL": upstream.url}) as proxy:
+        wait_until(lambda: len(serving_pids(proxy.url)) == 2)
+        for _ in range(3):
+            connections = [http.client.HTTPConnection("127.0.0.1", proxy.ports[0], timeout=10) for _ in range(32)]
+            for connection in connections:
+                connection.connect()
+            served: dict[int, int] = {}
+            for connection in connections:
+                connection.request("GET", "/healthz")
+                pid = json.loads(connection.getresponse().read())["pid"]
+                served[pid] = served.get(pid, 0) + 1
+            for connection in connections:
+                connection.close()
+            assert len(served) == 2 and min(served.values()) >= 6, served
+
+
 def test_each_worker_reloads_on_sighup_sent_to_the_supervisor(upstream, tmp_path):
     (tmp_path / ".env").write_text("FORWARD_KEY=fk-before01\nOPENAI_API_KEY=sk-pool-0001\n")
     with DaemonProcess(["--workers", "2"], env={"OPENAI_BASE_URL": upstream.url}, cwd=str(tmp_path)) as proxy:
