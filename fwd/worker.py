@@ -114,8 +114,18 @@ def run_worker() -> None:
     status_log = Logger(namespace=STATUS_NAMESPACE)
     gateway = top.gateway
     task.LoopingCall(lambda: status_log.info("", status=gateway.status())).start(STATUS_INTERVAL)
+    stopping = []
+
+    def stop_once() -> None:
+        # SIGTERM comes twice when both the supervisor and whoever signals its whole process group send it
+        # (systemd by default, `timeout`, a shell's Ctrl-C): stopping a reactor that stops already is an error.
+        if not stopping:
+            stopping.append(True)
+            reactor.stop()
+
+    reactor.callWhenRunning(signal.signal, signal.SIGTERM, lambda signum, frame: reactor.callFromThread(stop_once))
     parent = os.getppid()
-    task.LoopingCall(lambda: os.getppid() != parent and reactor.stop()).start(1.0, now=False)
+    task.LoopingCall(lambda: os.getppid() != parent and stop_once()).start(1.0, now=False)
     top.startService()
 
     def stop():

@@ -86,6 +86,31 @@ def test_connections_opened_at_once_are_spread_over_the_workers(upstream):
             assert len(served) == 2 and min(served.values()) >= 6, served
 
 
+def test_a_worker_told_twice_to_stop_stops_once_without_an_error(upstream):
+    # systemd (and `timeout`, and Ctrl-C) signal the whole process group: a worker gets the supervisor's
+    # SIGTERM and its own, the second while it drains.
+    import http.client
+
+    with DaemonProcess(["--workers", "2"], env={"OPENAI_BASE_URL": upstream.url}) as proxy:
+        wait_until(lambda: len(serving_pids(proxy.url)) == 2)
+        held = http.client.HTTPConnection("127.0.0.1", proxy.ports[0], timeout=10)
+        held.request("GET", "/healthz")
+        victim = json.loads(held.getresponse().read())["pid"]
+        body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        held.request("POST", "/v1/chat/completions", body=body, headers={
+            "Authorization": "Bearer sk-own", "Content-Type": "application/json",
+            "x-fake-chunks": "3", "x-fake-interval": "0.5"})
+        stream = held.getresponse()  # under way on the victim, which drains it before it stops
+        os.kill(victim, signal.SIGTERM)
+        time.sleep(0.2)  # two signals sent at once are delivered as one
+        os.kill(victim, signal.SIGTERM)
+        assert stream.read().endswith(b"data: [DONE]\n\n"), "the stream under way ends whole"
+        held.close()
+        assert wait_until(lambda: not alive(victim)), "the worker stopped"
+        log = proxy.wait_for("starting it again")
+        assert "ReactorNotRunning" not in log and "critical" not in log, log
+
+
 def test_each_worker_reloads_on_sighup_sent_to_the_supervisor(upstream, tmp_path):
     (tmp_path / ".env").write_text("FORWARD_KEY=fk-before01\nOPENAI_API_KEY=sk-pool-0001\n")
     with DaemonProcess(["--workers", "2"], env={"OPENAI_BASE_URL": upstream.url}, cwd=str(tmp_path)) as proxy:
