@@ -117,13 +117,21 @@ def run_worker() -> None:
     stopping = []
 
     def stop_once() -> None:
-        # SIGTERM comes twice when both the supervisor and whoever signals its whole process group send it
-        # (systemd by default, `timeout`, a shell's Ctrl-C): stopping a reactor that stops already is an error.
+        # A worker is told to stop twice when both the supervisor and whoever signals its whole process group
+        # do (systemd by default and `timeout` send SIGTERM, a terminal's Ctrl-C SIGINT): stopping a reactor
+        # that stops already is an error.
         if not stopping:
             stopping.append(True)
             reactor.stop()
 
-    reactor.callWhenRunning(signal.signal, signal.SIGTERM, lambda signum, frame: reactor.callFromThread(stop_once))
+    def on_signal(signum, frame) -> None:
+        reactor.callFromThread(stop_once)
+
+    def take_signals() -> None:  # after the reactor has put its own handlers in place
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, on_signal)
+
+    reactor.callWhenRunning(take_signals)
     parent = os.getppid()
     task.LoopingCall(lambda: os.getppid() != parent and stop_once()).start(1.0, now=False)
     top.startService()
