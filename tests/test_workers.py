@@ -111,6 +111,31 @@ def test_a_worker_told_twice_to_stop_stops_once_without_an_error(upstream):
         assert "ReactorNotRunning" not in log and "critical" not in log, log
 
 
+def test_tls_and_plain_ports_each_give_every_worker_a_socket_and_a_unix_socket_is_shared(upstream, tmp_path):
+    import ssl
+
+    from tests.support.network import make_certificate
+
+    key, cert = make_certificate(tmp_path)
+    unix = tmp_path / "fwd.sock"
+    arguments = ["--workers", "2", "--port", f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1",
+                 "--port", "tcp:0:interface=127.0.0.1", "--port", f"unix:{unix}"]
+    with DaemonProcess(arguments, env={"OPENAI_BASE_URL": upstream.url}).start(expect_ports=2) as proxy:
+        tls_port, plain_port = proxy.ports[:2]
+        assert "2 sockets of ssl:0" in proxy.output and "2 sockets of tcp:0" in proxy.output
+        context = ssl.create_default_context(cafile=str(cert))
+
+        def pids(url: str, **options) -> set[int]:
+            with httpx.Client(**options) as client:
+                return {client.get(url + "/healthz", headers={"Connection": "close"}).json()["pid"]
+                        for _ in range(40)}
+
+        assert wait_until(lambda: len(pids(f"https://127.0.0.1:{tls_port}", verify=context)) == 2), "TLS"
+        assert wait_until(lambda: len(pids(f"http://127.0.0.1:{plain_port}")) == 2), "plain TCP"
+        assert wait_until(lambda: len(pids("http://fwd", transport=httpx.HTTPTransport(uds=str(unix)))) == 2), \
+            "the UNIX socket"
+
+
 def test_each_worker_reloads_on_sighup_sent_to_the_supervisor(upstream, tmp_path):
     (tmp_path / ".env").write_text("FORWARD_KEY=fk-before01\nOPENAI_API_KEY=sk-pool-0001\n")
     with DaemonProcess(["--workers", "2"], env={"OPENAI_BASE_URL": upstream.url}, cwd=str(tmp_path)) as proxy:
