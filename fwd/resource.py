@@ -116,7 +116,7 @@ class ForwardResource(Resource):
         if reason.check(defer.CancelledError):
             return
         log.error("request failed before forwarding: {problem}", problem=reason.type.__name__)
-        if not request.finished and not getattr(request, "gone", False) and not hasattr(request, "exchange"):
+        if not request.finished and not getattr(request, "gone", False) and not getattr(request, "forwarded", False):
             send_error(request, errors.internal())
 
     def _admit(self, facts: Facts, request, active, admission, target, terms) -> None:

@@ -128,3 +128,25 @@ class EmbeddingTests(SynchronousTestCase):
         self.assertEqual(response.code, 401)
         self.assertEqual(self.successResultOf(response.json())["error"]["code"], "invalid_api_key")
         self.assertEqual(len(upstream.received), 1, "a refused request never reaches the upstream")
+
+
+def test_a_bug_on_the_way_to_forwarding_is_an_openai_shaped_500_not_a_client_left_waiting(monkeypatch):
+    # What goes wrong after the body was read and before an exchange takes the request is answered at once.
+    from twisted.internet import defer
+
+    from fwd import resource
+    from tests.support.memory import split_response
+
+    real = resource.read_request
+    monkeypatch.setattr(resource, "read_request", lambda *a, **kw: defer.succeed(real(*a, **kw)))
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ForwardResource, "_admit", broken)
+    proxy = MemoryProxy()
+    body = b'{"model": "gpt-4o-mini", "messages": []}'
+    answer = proxy.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    status, _, sent = split_response(answer.value())
+    assert status == 500 and json.loads(sent)["error"]["type"], sent
+    assert proxy.upstream.received == []
