@@ -78,7 +78,7 @@ def parse_endpoint(reactor, description: str, ciphers: str, option: str = "--por
 
 
 # The endpoints a worker of --workers can have a socket of its own for: TCP, with or without TLS.
-OWN_SOCKET_KINDS = {"tcp": socket.AF_INET, "ssl": socket.AF_INET, "tcp6": socket.AF_INET6, "ssl6": socket.AF_INET6}
+OWN_SOCKET_KINDS = {"tcp": socket.AF_INET, "ssl": socket.AF_INET, "tcp6": socket.AF_INET6}
 
 
 def description_fields(description: str) -> tuple[list[str], dict[str, str]]:
@@ -112,7 +112,7 @@ def sockets_per_worker(description: str, count: int) -> list[socket.socket] | No
     connections that arrived for it meanwhile wait in its queue instead of being refused.
     """
     positional, named = description_fields(with_backlog(description))
-    family = OWN_SOCKET_KINDS.get(positional[0])
+    family = OWN_SOCKET_KINDS.get(positional[0].lower())
     if family is None or count < 2 or not hasattr(socket, "SO_REUSEPORT"):
         return None
     port = int(named.get("port") or positional[1])
@@ -123,13 +123,19 @@ def sockets_per_worker(description: str, count: int) -> list[socket.socket] | No
     backlog = int(named.get("backlog", LISTEN_BACKLOG))
     sockets: list[socket.socket] = []
     try:
+        # First without SO_REUSEPORT, as Twisted binds: a port another program holds is an error, even one of
+        # the same user that bound it with SO_REUSEPORT too (another instance), instead of a silent share.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            port = probe.getsockname()[1]
         for _ in range(count):
             listening = socket.socket(family, socket.SOCK_STREAM)
             sockets.append(listening)
             listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             listening.bind((host, port))
-            port = listening.getsockname()[1]  # port 0: the others take the one the first was given
+            port = listening.getsockname()[1]
             listening.listen(backlog)
             listening.setblocking(False)
     except OSError as e:

@@ -64,3 +64,14 @@ def test_a_port_in_use_is_one_line_and_leaves_nothing_bound():
     again = sockets_per_worker(f"tcp:{port}:interface=127.0.0.1", 2)  # the failed attempt left nothing bound
     for s in again:
         s.close()
+
+
+def test_a_port_another_instance_holds_is_an_error_not_a_silent_share():
+    first = sockets_per_worker("tcp:0:interface=127.0.0.1", 2)
+    port = first[0].getsockname()[1]
+    try:
+        with pytest.raises(StartupError, match="cannot listen on"):
+            sockets_per_worker(f"tcp:{port}:interface=127.0.0.1", 2)
+    finally:
+        for s in first:
+            s.close()
