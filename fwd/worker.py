@@ -15,6 +15,7 @@ import sys
 
 import orjson
 from twisted.internet import defer, task
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
@@ -122,7 +123,10 @@ def run_worker() -> None:
         # that stops already is an error.
         if not stopping:
             stopping.append(True)
-            reactor.stop()
+            try:
+                reactor.stop()
+            except ReactorNotRunning:  # a signal that came before ours were in place stopped it already
+                pass
 
     def on_signal(signum, frame) -> None:
         reactor.callFromThread(stop_once)
