@@ -870,7 +870,8 @@ def main(argv=None):
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     if args.baseline and not any(n.startswith("fwd@") for n in names):
         names.insert(1 if "fwd" in names else 0, "fwd@" + args.baseline)
-    bad = [n for n in names if n not in PROXIES and not n.startswith("fwd@") and not WORKERS_COLUMN.match(n)]
+    bad = [n for n in names if n in ("fwd@", "fwd-workers=")
+           or (n not in PROXIES and not n.startswith("fwd@") and not WORKERS_COLUMN.match(n))]
     if bad:
         ap.error("unknown proxy %s (choose from %s)" % (bad, ", ".join(PROXIES)))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
