@@ -1,8 +1,16 @@
 """Fixtures shared by the end-to-end tests, and the `slow` mark: a test that needs a real process is slow."""
 
+import signal
+
 import pytest
 
 from tests.support.processes import FakeUpstreamProcess
+
+# The tests send SIGINT as a terminal's Ctrl-C would.  A shell that starts the test run in the background makes
+# it ignore SIGINT, and every daemon started from it would inherit that (twistd then leaves SIGINT ignored):
+# the daemons get the disposition of a terminal's foreground instead.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")
