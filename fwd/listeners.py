@@ -135,7 +135,6 @@ def sockets_per_worker(description: str, count: int) -> list[socket.socket] | No
             listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             listening.bind((host, port))
-            port = listening.getsockname()[1]
             listening.listen(backlog)
             listening.setblocking(False)
     except OSError as e:
