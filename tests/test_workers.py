@@ -16,9 +16,11 @@ from tests.support.processes import DaemonProcess
 pytestmark = pytest.mark.slow
 
 
-def serving_pids(url: str, count: int = 40) -> set[int]:
-    """The pids that answer /healthz over fresh connections."""
-    return {httpx.get(url + "/healthz", headers={"Connection": "close"}).json()["pid"] for _ in range(count)}
+def serving_pids(url: str, count: int = 40, **client) -> set[int]:
+    """The pids that answer /healthz over fresh connections (`client`: httpx.Client options, for TLS or a UNIX
+    socket)."""
+    with httpx.Client(**client) as http:
+        return {http.get(url + "/healthz", headers={"Connection": "close"}).json()["pid"] for _ in range(count)}
 
 
 def wait_until(predicate, timeout: float = 10.0, step: float = 0.1):
@@ -124,15 +126,9 @@ def test_tls_and_plain_ports_each_give_every_worker_a_socket_and_a_unix_socket_i
         tls_port, plain_port = proxy.ports[:2]
         assert "2 sockets of ssl:0" in proxy.output and "2 sockets of tcp:0" in proxy.output
         context = ssl.create_default_context(cafile=str(cert))
-
-        def pids(url: str, **options) -> set[int]:
-            with httpx.Client(**options) as client:
-                return {client.get(url + "/healthz", headers={"Connection": "close"}).json()["pid"]
-                        for _ in range(40)}
-
-        assert wait_until(lambda: len(pids(f"https://127.0.0.1:{tls_port}", verify=context)) == 2), "TLS"
-        assert wait_until(lambda: len(pids(f"http://127.0.0.1:{plain_port}")) == 2), "plain TCP"
-        assert wait_until(lambda: len(pids("http://fwd", transport=httpx.HTTPTransport(uds=str(unix)))) == 2), \
+        assert wait_until(lambda: len(serving_pids(f"https://127.0.0.1:{tls_port}", verify=context)) == 2), "TLS"
+        assert wait_until(lambda: len(serving_pids(f"http://127.0.0.1:{plain_port}")) == 2), "plain TCP"
+        assert wait_until(lambda: len(serving_pids("http://fwd", transport=httpx.HTTPTransport(uds=str(unix)))) == 2), \
             "the UNIX socket"
 
 
