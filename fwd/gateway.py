@@ -208,7 +208,10 @@ class Gateway:
                 route, caller, forward_key.limits if forward_key is not None else NO_LIMITS
             )
         kind = kind_of(method, path)
-        if kind is None or not (self.config.usage or plan):
+        # Usage is read from answers when it is counted, or when a token limit or a budget needs the real figure
+        # to settle; a request-rate or parallel limit alone needs none of it (USAGE=false then leaves bodies and
+        # streams as they are).
+        if kind is None or not (self.config.usage or plan.tokens or plan.budget is not None):
             return Terms(plan)
         ask = self.config.stream_usage if route.stream_usage is None else route.stream_usage
         return Terms(plan, kind, ask, route.default_max_tokens)

@@ -177,3 +177,15 @@ def test_the_reservation_counts_the_prompt_and_what_may_be_generated():
     route = config.Route(prefix="", base_url="http://u", limits=config.Limits(rpm=config.Rate(5, 60.0)))
     demand = demand_for(plan_for(route, None, config.NO_LIMITS), Reservation(10, 5))
     assert [(c.limit_id, c.cost) for c in demand.rates] == [("route:/:rpm", 1)]
+
+
+def test_with_usage_off_a_request_rate_limit_alone_leaves_the_stream_as_the_client_asked_for_it(tmp_path):
+    proxy = proxy_with(tmp_path, 'rpm = "100/minute"', usage="false")
+    body = chat(stream=True)
+    status, headers, answer = split_response(proxy.raw(request(ALICE, body, b"x-fake-chunks: 3\r\n")).value())
+    assert status == 200 and headers[b"x-ratelimit-limit-requests"] == b"100"
+    assert json.loads(proxy.upstream.received[-1].body) == json.loads(body), "no stream_options asked for"
+    limited = proxy_with(tmp_path, 'tpm = "100000/minute"', usage="false")
+    limited.raw(request(ALICE, body, b"x-fake-chunks: 3\r\n"))
+    asked = json.loads(limited.upstream.received[-1].body)
+    assert asked["stream_options"] == {"include_usage": True}, "a token limit settles on the real usage"
