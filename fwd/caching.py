@@ -42,6 +42,9 @@ class CachePlan:
 
 
 SKIPPED = CachePlan(cache.SKIP)
+# Scopes remembered (one keyed hash each) before the memory of them starts again: a client sending a new key with
+# every request costs a hash a request, as it would without the memory, and no more memory.
+MAX_SCOPES = 4096
 
 
 @attrs.define
@@ -65,7 +68,7 @@ class ResponseCache:
         self.secret = secret
         self.flights: dict[str, list[defer.Deferred]] = {}
         self.capturing = 0  # bytes held by the answers being captured now, at most the store's size
-        self.scopes: dict = {}  # forward key -> its scope
+        self.scopes: dict = {}  # forward key, or a client's own key (or None: anonymous) -> its scope
         self.counts = Counts()
         self.file = None  # a fwd.cache_store.CacheFile, when entries persist
 
@@ -123,15 +126,20 @@ class ResponseCache:
             # A hit never reaches the upstream, so a shared entry would answer a key nobody checked.
             return CachePlan(cache.SKIP, body=stripped)
         forward_key = decision.forward_key
-        if forward_key is not None and not shared:
-            scope = self.scopes.get(forward_key)
-            if scope is None:  # one keyed hash per forward key, not per request
-                if len(self.scopes) > 4096:
-                    self.scopes.clear()
-                scope = self.scopes[forward_key] = cache.caller_scope(False, (forward_key.name, forward_key.key),
-                                                                      None, self.secret)
+        if shared:
+            scope = cache.caller_scope(True, None, None, self.secret)
         else:
-            scope = cache.caller_scope(shared, None, decision.client_key, self.secret)
+            # One keyed hash per forward key or client key, not per request: the object or the key names it.
+            caller = forward_key if forward_key is not None else decision.client_key
+            scope = self.scopes.get(caller)
+            if scope is None:
+                if len(self.scopes) >= MAX_SCOPES:
+                    self.scopes.clear()
+                if forward_key is not None:
+                    scope = cache.caller_scope(False, (forward_key.name, forward_key.key), None, self.secret)
+                else:
+                    scope = cache.caller_scope(False, None, decision.client_key, self.secret)
+                self.scopes[caller] = scope
         key = cache.cache_key(active.cache_identity, scope, method, path, target.query, canonical)
         stream = document is not None and document.get("stream") is True
         model = document.get("model") if document is not None else None

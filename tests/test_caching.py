@@ -180,3 +180,22 @@ def test_a_shared_scope_never_answers_a_callers_own_key_which_nobody_checked():
     assert [ask(KEY), ask(KEY)] == [b"MISS", b"HIT"]
     assert [ask("sk-made-up-000000000000000000001"), ask("sk-made-up-000000000000000000002")] == [b"SKIP", b"SKIP"]
     assert chats(memory) == 3
+
+
+def test_callers_own_keys_each_see_their_own_entries_only_and_what_is_remembered_of_them_stays_bounded(monkeypatch):
+    from fwd import caching
+
+    monkeypatch.setattr(caching, "MAX_SCOPES", 3)
+    memory = proxy()
+
+    def ask(key: str) -> bytes:
+        answer = memory.raw(request(stream=False).replace(KEY.encode(), key.encode()))
+        memory.advance(0.1)
+        return split_response(answer.value())[1][b"x-fwd-cache"]
+
+    own = ["sk-own-cache-key-%015d" % n for n in range(6)]
+    assert [ask(own[0]), ask(own[0]), ask(own[1]), ask(own[1])] == [b"MISS", b"HIT", b"MISS", b"HIT"]
+    assert [ask(key) for key in own[2:]] == [b"MISS"] * 4, "no key is answered from another key's entry"
+    assert len(memory.gateway.cache.scopes) <= 3
+    assert [ask(own[0]), ask(own[5])] == [b"HIT", b"HIT"], "a scope worked out again is the same scope"
+    assert not any(key in str(memory.gateway.cache.scopes.values()) for key in own), "scopes are keyed hashes"
