@@ -11,7 +11,6 @@ import itertools
 import os
 import time
 
-import attrs
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.logger import Logger
@@ -396,7 +395,7 @@ class Exchange:
         self.upstream_body = None
         self.headers = None
         if self.facts.body is not None:
-            self.facts = attrs.evolve(self.facts, body=None)
+            self.facts = self.facts.without_body()
 
     def _limit_headers(self) -> None:
         """The x-ratelimit-* headers of a limited caller."""

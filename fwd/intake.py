@@ -68,6 +68,10 @@ class Facts:
     def values(self) -> dict:
         return self.members.values if self.members is not None else {}
 
+    def without_body(self) -> Facts:
+        """The same facts, the body let go (attrs.evolve does the same at a few times the cost, every request)."""
+        return Facts(self.refusal, self.members, self.json_size, None)
+
 
 NOTHING_READ = Facts()
 
