@@ -287,6 +287,28 @@ class UpstreamFailureTests(SynchronousTestCase):
         proxy.advance(2)
         self.assertTrue(transport.disconnected)
 
+    def test_a_stream_whose_chunks_come_closer_than_the_idle_timeout_is_never_cut_and_silence_after_one_is(self):
+        proxy = MemoryProxy(idle_timeout="20")
+        transport = proxy.raw(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
+            b"x-fake-chunks: 5\r\nx-fake-interval: 15\r\nContent-Length: %d\r\n\r\n%s" % (len(chat(True)), chat(True))
+        )
+        for _ in range(16):
+            proxy.advance(5)  # 80 s in all: four times the idle timeout, never 20 s without a chunk
+        self.assertFalse(transport.disconnected)
+        self.assertTrue(transport.value().endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), "the whole stream came")
+        self.assertEqual(proxy.gateway.in_flight, 0)
+
+        transport = proxy.raw(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
+            b"x-fake-chunks: 50\r\nx-fake-interval: 15\r\nx-fake-fail: hang-mid-stream\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(chat(True)), chat(True))
+        )
+        proxy.advance(19)
+        self.assertFalse(transport.disconnected)
+        proxy.advance(2)
+        self.assertTrue(transport.disconnected, "20 s without a chunk")
+
     def test_a_client_that_disconnects_cancels_its_upstream_request(self):
         proxy = MemoryProxy()
         proxy.raw(
