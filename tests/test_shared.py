@@ -181,6 +181,32 @@ def test_scripts_redis_lost_are_loaded_again_and_the_call_goes_through():
     assert shared.up
 
 
+
+def test_scripts_lost_are_loaded_again_whichever_way_txredisapi_reports_it():
+    import txredisapi
+
+    clock, fake = Clock(), FakeRedis()
+    shared = shared_on(clock, fake)
+    shared.startService()
+    fake.scripts_lost = True
+    lost = txredisapi.ScriptDoesNotExist("No script matching hash: sha-1 found")  # its handler's own error
+    fake.evalsha = lambda sha, keys, args: (fake.calls.append(("evalsha",)), defer.fail(lost))[1] if fake.scripts_lost \
+        else defer.succeed("ok 1")
+    assert outcome(shared.run("settle", ["k"], ["1"])) == "ok 1"
+    assert shared.up, "not counted down: the scripts were loaded again"
+
+
+def test_the_txredisapi_names_the_pool_writes_its_scripts_with_are_there():
+    """fwd.shared.RedisPool writes EVALSHA straight on a connection of txredisapi's pool: a txredisapi without one of
+    these names must fail here, not fall back silently."""
+    import txredisapi
+
+    factory = txredisapi.RedisFactory("127.0.0.1:1", 0, 2, isLazy=True, convertNumbers=False)
+    assert factory.pool == [] and callable(factory.startConnecting) and callable(factory.disconnect)
+    assert isinstance(factory.handler, txredisapi.ConnectionHandler)
+    assert callable(txredisapi.RedisProtocol.execute_command)
+
+
 def limited_plan():
     key = config.ForwardKey("fk-shared-alice-0000000001", "alice", limits=config.Limits(rpm=Rate(2, 60.0)))
     route = config.Route(prefix="", base_url="http://u.test", forward_keys=(key,))
