@@ -72,11 +72,12 @@ class RedisPool:
     """txredisapi's pool of connections, whose scripts are written straight on a connected connection.
 
     Its own handler finds a connection for every call through a generator and a queue (`getConnection`, an
-    inlineCallbacks, a Deferred to peek and another around the call).  Measured alone, 6,400 EVALSHA 32 at a time
-    to a redis-server on loopback: 51-57 µs of the client's CPU each through the handler, 29-40 µs this way.  Here an EVALSHA goes to the next connection of the pool (`RedisFactory.pool`, the connections
-    up and ready) with `execute_command`, the one call every command of txredisapi ends in; while none is up,
-    the handler's own path waits for one.  Everything else goes to the handler.  tests/test_shared.py fails if
-    txredisapi loses one of these names.
+    inlineCallbacks, a Deferred to peek and another around the call).  Here an EVALSHA goes to the next
+    connection of the pool (`RedisFactory.pool`, the connections up and ready) with `execute_command`, the one
+    call every command of txredisapi ends in; while none is up, the handler's own path waits for one.  Everything
+    else goes to the handler.  Measured alone, 6,400 EVALSHA 32 at a time to a redis-server on loopback: 51-57 µs
+    of the client's CPU each through the handler, 29-40 µs this way.  tests/test_shared.py fails if txredisapi
+    loses one of these names.
     """
 
     def __init__(self, factory):
