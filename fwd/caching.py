@@ -135,11 +135,8 @@ class ResponseCache:
             if scope is None:
                 if len(self.scopes) >= MAX_SCOPES:
                     self.scopes.clear()
-                if forward_key is not None:
-                    scope = cache.caller_scope(False, (forward_key.name, forward_key.key), None, self.secret)
-                else:
-                    scope = cache.caller_scope(False, None, decision.client_key, self.secret)
-                self.scopes[caller] = scope
+                named = (forward_key.name, forward_key.key) if forward_key is not None else None
+                scope = self.scopes[caller] = cache.caller_scope(False, named, decision.client_key, self.secret)
         key = cache.cache_key(active.cache_identity, scope, method, path, target.query, canonical)
         stream = document is not None and document.get("stream") is True
         model = document.get("model") if document is not None else None

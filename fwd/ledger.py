@@ -20,12 +20,12 @@ from datetime import datetime, timezone
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from zope.interface import implementer
 
+from fwd.answers import ACCESS_NAMESPACE
 from fwd.limits import Spend, period_start
 from fwd.written_behind import WrittenBehind, transaction
 
 LEDGER_FILENAME = "usage.sqlite"
 MAX_MODEL_LENGTH = 128
-ACCESS_NAMESPACE = "fwd.access"
 
 log = Logger(namespace="fwd.ledger")
 

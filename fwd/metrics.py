@@ -20,7 +20,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-ACCESS_NAMESPACE = "fwd.access"
+from fwd.answers import ACCESS_NAMESPACE
+
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})
 # Distinct model labels (fwd_tokens_total): a client names the model, so their number is capped.
 MAX_MODELS = 256

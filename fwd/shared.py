@@ -94,9 +94,6 @@ class RedisPool:
                 return connection.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         return self.handler.evalsha(sha, keys, args)
 
-    def disconnect(self) -> defer.Deferred:
-        return self.factory.disconnect()
-
     def __getattr__(self, name: str):
         return getattr(self.handler, name)
 

@@ -189,9 +189,13 @@ def test_scripts_lost_are_loaded_again_whichever_way_txredisapi_reports_it():
     shared = shared_on(clock, fake)
     shared.startService()
     fake.scripts_lost = True
-    lost = txredisapi.ScriptDoesNotExist("No script matching hash: sha-1 found")  # its handler's own error
-    fake.evalsha = lambda sha, keys, args: (fake.calls.append(("evalsha",)), defer.fail(lost))[1] if fake.scripts_lost \
-        else defer.succeed("ok 1")
+
+    def evalsha(sha, keys, args):
+        if fake.scripts_lost:  # as txredisapi's handler reports Redis's NOSCRIPT
+            return defer.fail(txredisapi.ScriptDoesNotExist("No script matching hash: sha-1 found"))
+        return defer.succeed("ok 1")
+
+    fake.evalsha = evalsha
     assert outcome(shared.run("settle", ["k"], ["1"])) == "ok 1"
     assert shared.up, "not counted down: the scripts were loaded again"
 
