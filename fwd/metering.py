@@ -79,6 +79,13 @@ class Metering:
             else:
                 self.meter = StreamMeter(self.kind)
 
+    def chunk_filter(self):
+        """What each relayed chunk goes through, once the answer has started: the stripper's own `feed` when the
+        proxy asked a stream's usage (one call a chunk), else `relay`."""
+        if self.injected and self.meter is not None:
+            return self.meter.feed
+        return self.relay
+
     def relay(self, data: bytes) -> bytes:
         """Take a chunk of the answer; return what the client gets of it."""
         meter = self.meter

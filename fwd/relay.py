@@ -73,7 +73,7 @@ class Relay(Protocol):
         self.masker = masker if masker is not None and masker.keys else None
         self.metering = exchange.metering
         self.capture = exchange.capture
-        self.strip = None
+        self.meter = None  # each chunk goes through it, when the answer is metered (set once it has started)
 
     def connectionMade(self):
         exchange = self.exchange
@@ -84,9 +84,8 @@ class Relay(Protocol):
         self.idle_timeout = exchange.config.idle_timeout
         self.progress = self.seconds()
         self.idle = exchange.clock.callLater(self.idle_timeout, self._silent)
-        metering = self.metering
-        if metering is not None and metering.injected and metering.meter is not None:
-            self.strip = metering.meter.feed  # each chunk straight to the stripper (fwd.usage.UsageStripper)
+        if self.metering is not None:
+            self.meter = self.metering.chunk_filter()
 
     def dataReceived(self, data):
         exchange = self.exchange
@@ -95,10 +94,8 @@ class Relay(Protocol):
         if not self.paused:  # bytes a paused upstream still delivers are no progress for a client not reading
             # The idle timer is not moved for every chunk: it looks at this time when it fires (see _silent).
             self.progress = self.seconds()
-        if self.strip is not None:
-            data = self.strip(data)
-        elif self.metering is not None:
-            data = self.metering.relay(data)
+        if self.meter is not None:
+            data = self.meter(data)
         if self.masker is not None:
             data = self.masker.feed(data)
         if not data:
