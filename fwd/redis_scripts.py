@@ -9,13 +9,17 @@ rate states keep sub-microsecond precision in Lua's doubles (see fwd.limits); in
 agree (NTP), an error of a few milliseconds moving a limit by that much.
 
 SETTLE ends any number of tickets in one call (an instance sends the settlements of one reactor turn together).
-ADMIT and SETTLE take their arguments as one string of space-separated words (ARGV[1]) and ADMIT answers with
-one such string: a client encodes and parses one value instead of forty (txredisapi spends about 2 µs on each).
+ADMIT and SETTLE take their arguments as one JSON array (ARGV[1], read by Redis's cjson in C), and ADMIT answers
+with an array of words and whole numbers (durations in nanoseconds), which Redis formats in C: Redis's Lua
+spends about a microsecond on each string it splits or formats, so a script that parsed and formatted its
+numbers itself cost 60-90 µs of Redis's one core a call, more than the commands it ran.  A budget's
+reservations in flight are summed as they come and go (`ht`, `hc`), not re-read from their set at each
+admission.
 
 Keys (PREFIX "fwd:"; names are limit ids of route prefixes and forward-key names, never a key):
     fwd:rate:<limit id>                    the limit's TAT, seconds since EPOCH; expires once drained
     fwd:par:<limit id>                     ZSET ticket -> lease deadline: requests in flight
-    fwd:bud:<budget id>:<period>           HASH ut, uc: tokens and cost used in the period
+    fwd:bud:<budget id>:<period>           HASH ut, uc: tokens and cost used in the period; ht, hc: held
     fwd:bud:<budget id>:<period>:held      ZSET "ticket:tokens:cost" -> lease deadline: reservations in flight
     fwd:ticket                             the last ticket number
 A request in flight holds its parallel slot and budget reservation for at most LEASE_SECONDS: the lease of an
@@ -47,17 +51,14 @@ MAX_TOKENS = 10**12
 LEASE_SECONDS = 900.0
 
 ADMIT = r"""
-local A = {}
-for word in string.gmatch(ARGV[1], '%S+') do A[#A + 1] = word end
-local now = tonumber(A[1])
-local n_rates, n_par, has_budget = tonumber(A[2]), tonumber(A[3]), tonumber(A[4])
-local lease_until = now + tonumber(A[5])
+local A = cjson.decode(ARGV[1])
+local now, n_rates, n_par, has_budget, lease = A[1], A[2], A[3], A[4], A[5]
+local lease_until = now + lease
 local a = 6
-local out = {}
 local rates_ok, never, wait, failed = true, nil, -1, nil
-local new_tats = {}
+local new_tats, remainings, resets, alloweds, standings, lags = {}, {}, {}, {}, {}, {}
 for i = 1, n_rates do
-  local limit, period, cost = tonumber(A[a]), tonumber(A[a + 1]), tonumber(A[a + 2])
+  local limit, period, cost = A[a], A[a + 1], A[a + 2]
   a = a + 3
   local emission = period / limit
   local tat = tonumber(redis.call('GET', KEYS[i])) or now
@@ -96,17 +97,13 @@ for i = 1, n_rates do
     end
   end
   if remaining > limit then remaining = limit end
-  out[#out + 1] = allowed
-  out[#out + 1] = string.format('%d', remaining)
-  out[#out + 1] = string.format('%.17g', reset)
-  out[#out + 1] = string.format('%d', standing)
-  out[#out + 1] = string.format('%.17g', lag)
+  remainings[i], resets[i], alloweds[i], standings[i], lags[i] = remaining, reset, allowed, standing, lag
 end
 local k = n_rates
 local par_ok, par_failed = true, nil
 for i = 1, n_par do
   local key = KEYS[k + i]
-  local cap = tonumber(A[a])
+  local cap = A[a]
   a = a + 1
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   if redis.call('ZCARD', key) >= cap then
@@ -118,17 +115,28 @@ k = k + n_par
 local budget_ok, used_t, used_c, held_t, held_c = true, 0, 0, 0, 0
 local want_t, want_c = 0, 0
 if has_budget == 1 then
-  local tokens_limit, cost_limit = tonumber(A[a]), tonumber(A[a + 1])
-  want_t, want_c = tonumber(A[a + 2]), tonumber(A[a + 3])
+  local tokens_limit, cost_limit = A[a], A[a + 1]
+  want_t, want_c = A[a + 2], A[a + 3]
   a = a + 4
-  local used = redis.call('HMGET', KEYS[k + 1], 'ut', 'uc')
-  used_t, used_c = tonumber(used[1]) or 0, tonumber(used[2]) or 0
-  redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', now)
-  for _, member in ipairs(redis.call('ZRANGE', KEYS[k + 2], 0, -1)) do
-    local _, t, c = string.match(member, '^([^:]*):([^:]*):(.*)$')
-    held_t = held_t + tonumber(t)
-    held_c = held_c + tonumber(c)
+  local spent, held = KEYS[k + 1], KEYS[k + 2]
+  -- Reservations whose lease ran out (their instance died mid-request) stop counting.
+  local gone = redis.call('ZRANGEBYSCORE', held, '-inf', now)
+  if #gone > 0 then
+    local lost_t, lost_c = 0, 0
+    for _, member in ipairs(gone) do
+      local _, t, c = string.match(member, '^([^:]*):([^:]*):(.*)$')
+      lost_t = lost_t + tonumber(t)
+      lost_c = lost_c + tonumber(c)
+    end
+    redis.call('ZREMRANGEBYSCORE', held, '-inf', now)
+    local sums = redis.call('HMGET', spent, 'ht', 'hc')
+    redis.call('HSET', spent, 'ht', (tonumber(sums[1]) or 0) - lost_t, 'hc', (tonumber(sums[2]) or 0) - lost_c)
   end
+  local sums = redis.call('HMGET', spent, 'ut', 'uc', 'ht', 'hc')
+  used_t, used_c = tonumber(sums[1]) or 0, tonumber(sums[2]) or 0
+  held_t, held_c = tonumber(sums[3]) or 0, tonumber(sums[4]) or 0
+  if held_t < 0 then held_t = 0 end
+  if held_c < 0 then held_c = 0 end
   if tokens_limit >= 0 and (used_t >= tokens_limit or used_t + held_t + want_t > tokens_limit) then
     budget_ok = false
   end
@@ -136,51 +144,63 @@ if has_budget == 1 then
     budget_ok = false
   end
 end
-local head
-if not budget_ok then
-  head = {'budget', 0, string.format('%.17g', used_t), string.format('%.17g', used_c),
-          string.format('%.17g', held_t), string.format('%.17g', held_c)}
-elseif not rates_ok then
-  if never ~= nil then
-    head = {'too_large', never, -1}
-  else
-    head = {'rate', failed, string.format('%.17g', wait)}
-  end
-elseif not par_ok then
-  head = {'parallel', par_failed}
-else
+local ns = function(seconds) return math.floor(seconds * 1e9 + 0.5) end
+local reply
+if budget_ok and rates_ok and par_ok then
   local ticket = redis.call('INCR', KEYS[#KEYS])
   for i = 1, n_rates do
-    local ttl = math.ceil((new_tats[i] - now) * 1000) + 1000
-    redis.call('SET', KEYS[i], string.format('%.17g', new_tats[i]), 'PX', ttl)
+    redis.call('SET', KEYS[i], new_tats[i], 'PX', math.ceil((new_tats[i] - now) * 1000) + 1000)
   end
   for i = 1, n_par do
     redis.call('ZADD', KEYS[n_rates + i], lease_until, ticket)
-    redis.call('PEXPIRE', KEYS[n_rates + i], math.ceil(tonumber(A[5]) * 1000))
+    redis.call('PEXPIRE', KEYS[n_rates + i], math.ceil(lease * 1000))
   end
   if has_budget == 1 then
-    local ttl = tonumber(A[a])
-    redis.call('ZADD', KEYS[k + 2], lease_until, ticket .. ':' .. A[a + 1])
-    redis.call('EXPIRE', KEYS[k + 1], ttl)
-    redis.call('EXPIRE', KEYS[k + 2], ttl)
+    local ttl = A[a]
+    local spent, held = KEYS[k + 1], KEYS[k + 2]
+    redis.call('ZADD', held, lease_until, ticket .. ':' .. A[a + 1])
+    -- A write costs Redis several microseconds in a script: the period's keys get their end once, when made.
+    if redis.call('HSET', spent, 'ht', held_t + want_t, 'hc', held_c + want_c) > 0 then
+      redis.call('EXPIRE', spent, ttl)
+    end
+    if redis.call('ZCARD', held) == 1 then redis.call('EXPIRE', held, ttl) end
   end
-  head = {'ok', ticket}
+  reply = {'ok', ticket}
+  for i = 1, n_rates do
+    reply[#reply + 1] = remainings[i]
+    reply[#reply + 1] = ns(resets[i])
+  end
+  return reply
 end
-for _, v in ipairs(out) do head[#head + 1] = v end
-return table.concat(head, ' ')
+if not budget_ok then
+  reply = {'budget', string.format('%.17g', used_t), string.format('%.17g', used_c),
+           string.format('%.17g', held_t), string.format('%.17g', held_c)}
+elseif not rates_ok then
+  if never ~= nil then
+    reply = {'too_large', never}
+  else
+    reply = {'rate', failed, ns(wait)}
+  end
+else
+  reply = {'parallel', par_failed}
+end
+for i = 1, n_rates do
+  reply[#reply + 1] = alloweds[i]
+  reply[#reply + 1] = standings[i]
+  reply[#reply + 1] = ns(lags[i])
+end
+return reply
 """
 
 SETTLE = r"""
-local A = {}
-for word in string.gmatch(ARGV[1], '%S+') do A[#A + 1] = word end
-local now = tonumber(A[1])
+local A = cjson.decode(ARGV[1])
+local now = A[1]
 local a, k, settled = 2, 0, 0
 while a <= #A do
-  local n_tok, n_par, has_budget = tonumber(A[a]), tonumber(A[a + 1]), tonumber(A[a + 2])
-  local ticket = A[a + 3]
+  local n_tok, n_par, has_budget, ticket = A[a], A[a + 1], A[a + 2], A[a + 3]
   a = a + 4
   for i = 1, n_tok do
-    local emission, reserved, actual = tonumber(A[a]), tonumber(A[a + 1]), tonumber(A[a + 2])
+    local emission, reserved, actual = A[a], A[a + 1], A[a + 2]
     a = a + 3
     local key = KEYS[k + i]
     local tat = tonumber(redis.call('GET', key)) or now
@@ -189,7 +209,7 @@ while a <= #A do
     local new = base + (actual - reserved) * emission
     if new > now then
       -- kept at most 400 days: a debt beyond that is as good as forever, and the number stays an integer
-      redis.call('SET', key, string.format('%.17g', new), 'PX', math.min(math.ceil((new - now) * 1000) + 1000, 34560000000))
+      redis.call('SET', key, new, 'PX', math.min(math.ceil((new - now) * 1000) + 1000, 34560000000))
     else
       redis.call('DEL', key)
     end
@@ -199,12 +219,14 @@ while a <= #A do
   end
   k = k + n_tok + n_par
   if has_budget == 1 then
-    local member, actual_t, actual_c = A[a], tonumber(A[a + 1]), tonumber(A[a + 2])
-    a = a + 3
+    local member, reserved_t, reserved_c, actual_t, actual_c = A[a], A[a + 1], A[a + 2], A[a + 3], A[a + 4]
+    a = a + 5
     -- A reservation whose lease ran out, or whose period has gone, is no longer counted: nor is its usage.
     if redis.call('ZREM', KEYS[k + 2], member) == 1 then
-      if actual_t ~= 0 then redis.call('HINCRBYFLOAT', KEYS[k + 1], 'ut', actual_t) end
-      if actual_c ~= 0 then redis.call('HINCRBYFLOAT', KEYS[k + 1], 'uc', actual_c) end
+      local sums = redis.call('HMGET', KEYS[k + 1], 'ut', 'uc', 'ht', 'hc')
+      redis.call('HSET', KEYS[k + 1], 'ut', (tonumber(sums[1]) or 0) + actual_t,
+                 'uc', (tonumber(sums[2]) or 0) + actual_c,
+                 'ht', (tonumber(sums[3]) or 0) - reserved_t, 'hc', (tonumber(sums[4]) or 0) - reserved_c)
     end
     k = k + 2
   end
@@ -305,75 +327,113 @@ class AdmitCall:
     unix: float
 
 
-def admit_call(plan, tokens: int, cost: float, unix: float, lease: float = LEASE_SECONDS) -> AdmitCall:
-    """The ADMIT call of one request of a caller with this Plan (fwd.quota), reserving `tokens` (and `cost`)."""
-    keys, args = [], []
+@attrs.frozen
+class Shape:
+    """What every ADMIT call of one Plan has in common, worked out once (`shape_of`)."""
+
+    rate_keys: list[str]
+    parallel_keys: tuple[str, ...]
+    head: str  # the JSON words after the clock: counts, and each rate's limit and period
+    parallel_words: str
+    tokens_keys: tuple[str, ...]  # the rates charged in tokens: their keys and emissions, for SETTLE
+    emissions: tuple[float, ...]
+    rates: tuple  # per rate: its limit and period as words, whether it counts tokens, its cost per request
+
+
+def shape_of(plan, lease: float = LEASE_SECONDS) -> Shape:
+    """The Shape of a Plan's ADMIT calls."""
     rates = plan.demand.rates
-    for charge in rates:
-        keys.append(PREFIX + "rate:" + charge.limit_id)
-        args += [str(charge.rate.limit), _number(charge.rate.period), str(tokens if charge.unit == "tokens" else charge.cost)]
-    for cap in plan.parallel:
-        keys.append(PREFIX + "par:" + cap.limit_id)
-        args.append(str(cap.cap))
     has_budget = plan.budget is not None
+    words = [str(len(rates)), str(len(plan.parallel)), "1" if has_budget else "0", _number(lease)]
+    tokens = [i for i, charge in enumerate(rates) if charge.unit == "tokens"]
+    return Shape(
+        [PREFIX + "rate:" + charge.limit_id for charge in rates],
+        tuple(PREFIX + "par:" + cap.limit_id for cap in plan.parallel),
+        ",".join(words),
+        ",".join(str(cap.cap) for cap in plan.parallel),
+        tuple(PREFIX + "rate:" + rates[i].limit_id for i in tokens),
+        tuple(rates[i].rate.emission for i in tokens),
+        tuple((str(charge.rate.limit), _number(charge.rate.period), charge.unit == "tokens", str(charge.cost))
+              for charge in rates),
+    )
+
+
+def admit_call(plan, tokens: int, cost: float, unix: float, lease: float = LEASE_SECONDS,
+               shape: Shape | None = None, period: tuple | None = None) -> AdmitCall:
+    """The ADMIT call of one request of a caller with this Plan (fwd.quota), reserving `tokens` (and `cost`).
+
+    `shape` is the Plan's `shape_of` and `period` its budget's `budget_period` at `unix`, when the caller keeps
+    them (both are worked out here otherwise)."""
+    if shape is None:
+        shape = shape_of(plan, lease)
     spend = Spend(tokens, cost)
-    if has_budget:
+    words = [_number(unix - EPOCH), shape.head]
+    charged = str(tokens)
+    for limit, period_words, in_tokens, per_request in shape.rates:
+        words += [limit, period_words, charged if in_tokens else per_request]
+    if shape.parallel_words:
+        words.append(shape.parallel_words)
+    keys = shape.rate_keys + list(shape.parallel_keys)
+    if plan.budget is not None:
         budget_id, rule = plan.budget
-        budget = f"{PREFIX}bud:{budget_id}:{period_key(unix, rule.period)}"
-        keys += [budget, budget + ":held"]
-        args += [
+        key, renews = period or budget_period(budget_id, rule, unix)
+        keys += [key, key + ":held"]
+        words += [
             str(rule.tokens) if rule.tokens is not None else "-1",
             _number(rule.cost) if rule.cost is not None else "-1",
-            str(tokens),
+            charged,
             _number(cost),
-            str(int(renews_at(unix, rule.period) - unix) + 86_400),  # kept a day past the period's end
-            reservation_text(spend),
+            str(int(renews - unix) + 86_400),  # kept a day past the period's end
+            '"%s"' % reservation_text(spend),
         ]
     keys.append(PREFIX + "ticket")
-    head = [_number(unix - EPOCH), str(len(rates)), str(len(plan.parallel)), "1" if has_budget else "0", _number(lease)]
-    return AdmitCall(keys, [" ".join(head + args)], plan, spend, unix)
+    return AdmitCall(keys, ["[" + ",".join(words) + "]"], plan, spend, unix)
 
 
-def admit_result(call: AdmitCall, reply):
+def budget_period(budget_id: str, rule, unix: float) -> tuple[str, float]:
+    """The key of a budget's period holding `unix`, and when that period ends."""
+    return f"{PREFIX}bud:{budget_id}:{period_key(unix, rule.period)}", renews_at(unix, rule.period)
+
+
+def admit_result(call: AdmitCall, reply, shape: Shape | None = None):
     """The RedisTicket or the Refusal an ADMIT reply means (fwd.limits's own classes, for the same headers)."""
-    reply = reply.split()
     verdict = _text(reply[0])
     plan = call.plan
     rates = plan.demand.rates
-    per_rate = reply[-5 * len(rates) :] if rates else []
-    outcomes = []
-    for number, charge in enumerate(rates):
-        allowed, remaining, reset, standing, lag = per_rate[5 * number : 5 * number + 5]
-        if verdict != "ok":
-            # As fwd.limits refuses: the limits as they stand, nothing taken.
-            remaining, reset = standing, lag
-        outcomes.append(
-            (charge, Outcome(bool(int(allowed)), 0.0, charge.rate.limit, int(remaining), float(_text(reset))))
-        )
-    outcomes = tuple(outcomes)
     if verdict == "ok":
-        tokens_charges = [charge for charge in rates if charge.unit == "tokens"]
-        budget_keys = tuple(call.keys[-3:-1]) if plan.budget is not None else None
+        if shape is None:
+            shape = shape_of(plan)
+        outcomes = tuple(
+            (charge, Outcome(True, 0.0, charge.rate.limit, int(reply[2 + 2 * i]), int(reply[3 + 2 * i]) / 1e9))
+            for i, charge in enumerate(rates)
+        )
         return RedisTicket(
             int(reply[1]),
-            tuple(PREFIX + "rate:" + c.limit_id for c in tokens_charges),
-            tuple(c.rate.emission for c in tokens_charges),
-            tuple(PREFIX + "par:" + cap.limit_id for cap in plan.parallel),
-            budget_keys,
+            shape.tokens_keys,
+            shape.emissions,
+            shape.parallel_keys,
+            tuple(call.keys[-3:-1]) if plan.budget is not None else None,
             call.spend,
             outcomes,
         )
+    # Refused: the limits as they stand, nothing taken.
+    per_rate = reply[len(reply) - 3 * len(rates):]
+    outcomes = tuple(
+        (charge, Outcome(bool(int(per_rate[3 * i])), 0.0, charge.rate.limit, int(per_rate[3 * i + 1]),
+                         int(per_rate[3 * i + 2]) / 1e9))
+        for i, charge in enumerate(rates)
+    )
     if verdict == "budget":
         budget_id, rule = plan.budget
-        used = Spend(int(float(_text(reply[2]))), float(_text(reply[3])))
-        held = Spend(int(float(_text(reply[4]))), float(_text(reply[5])))
+        used = Spend(int(float(_text(reply[1]))), float(_text(reply[2])))
+        held = Spend(int(float(_text(reply[3]))), float(_text(reply[4])))
         renews = renews_at(call.unix, rule.period)
         return Refusal("budget", budget_id, renews - call.unix, _looking(outcomes), renews,
                        budget_message(rule, used, held, renews))
     if verdict == "too_large":
         return Refusal("too_large", rates[int(reply[1]) - 1].limit_id, None, outcomes)
     if verdict == "rate":
-        return Refusal("rate", rates[int(reply[1]) - 1].limit_id, float(_text(reply[2])), outcomes)
+        return Refusal("rate", rates[int(reply[1]) - 1].limit_id, int(reply[2]) / 1e9, outcomes)
     if verdict == "parallel":
         return Refusal("parallel", plan.parallel[int(reply[1]) - 1].limit_id, None, _looking(outcomes))
     raise ValueError(f"unexpected ADMIT reply {reply!r}")
@@ -391,13 +451,15 @@ def settle_record(ticket: RedisTicket, tokens: int | None, cost: float | None) -
     actual_tokens = reserved.tokens if tokens is None else min(max(0, int(tokens)), MAX_TOKENS)
     actual_cost = reserved.cost if cost is None else min(max(0.0, cost), MAX_TOKENS)
     keys = list(ticket.tokens_keys) + list(ticket.parallel_keys)
+    reserved_tokens, used_tokens = str(reserved.tokens), str(actual_tokens)
     words = [str(len(ticket.tokens_keys)), str(len(ticket.parallel_keys)), "1" if ticket.budget_keys else "0",
              str(ticket.number)]
     for emission in ticket.emissions:
-        words += [_number(emission), str(reserved.tokens), str(actual_tokens)]
+        words += [_number(emission), reserved_tokens, used_tokens]
     if ticket.budget_keys:
         keys += list(ticket.budget_keys)
-        words += [ticket.budget_member, str(actual_tokens), _number(actual_cost)]
+        words += ['"%s"' % ticket.budget_member, reserved_tokens, _number(reserved.cost), used_tokens,
+                  _number(actual_cost)]
     return keys, words
 
 
@@ -408,7 +470,7 @@ def settle_many(records: list[tuple[list, list]], unix: float) -> tuple[list, li
     for record_keys, record_words in records:
         keys += record_keys
         words += record_words
-    return keys, [" ".join(words)]
+    return keys, ["[" + ",".join(words) + "]"]
 
 
 def reservation_text(spend: Spend) -> str:

@@ -160,6 +160,7 @@ def test_a_reservation_whose_instance_died_runs_out_with_its_lease(scripts):
     scripts.settle(later, 100, None, NOW + 903)
     month = scripts.client.hgetall(next(iter(scripts.client.scan_iter("fwd:bud:*-11"))))
     assert float(month[b"ut"]) == 100
+    assert float(month[b"ht"]) == 0, "the lapsed reservation left the sum of those held once, not twice"
 
 
 def test_keys_in_redis_name_limits_never_keys(scripts):
@@ -190,3 +191,17 @@ def test_an_absurd_usage_does_not_fail_the_other_settlements_of_its_call(scripts
                                     NOW + 1)
     assert ended == 3
     assert scripts.client.zcard(tickets[0].parallel_keys[0]) == 0, "every slot came back"
+
+
+def test_a_budget_periods_keys_end_a_day_after_the_period_even_when_its_held_set_empties_and_fills_again(scripts):
+    plan = plan_of(budget=parse_budget({"tokens": 10_000, "period": "day"}))
+    first = scripts.admit(plan, 10, 0.0, NOW)
+    spent = first.budget_keys[0]
+    scripts.settle(first, 5, None, NOW + 1)  # the held set is empty now: Redis deletes it
+    second = scripts.admit(plan, 10, 0.0, NOW + 2)
+    end_of_day = (NOW // 86_400 + 1) * 86_400
+    for key in (spent, spent + ":held"):
+        ttl = scripts.client.ttl(key)
+        assert end_of_day - NOW + 86_400 - 5 <= ttl <= end_of_day - NOW + 86_400 + 5, (key, ttl)
+    scripts.settle(second, 5, None, NOW + 3)
+    assert float(scripts.client.hget(spent, "ut")) == 10

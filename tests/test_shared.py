@@ -33,11 +33,13 @@ class FakeRedis:
         self.hashes: dict[str, dict] = {}
         self.published = []
         self.scripts_lost = False
-        self.evalsha_reply = "ok 1"
+        self.evalsha_reply = [b"ok", 1]
+        self.hanging: list[defer.Deferred] = []
 
     def _reply(self, value):
         if self.mode == "hang":
-            return defer.Deferred()
+            self.hanging.append(defer.Deferred())
+            return self.hanging[-1]
         if self.mode == "fail":
             return defer.fail(ConnectionError("connection refused"))
         return defer.succeed(value)
@@ -177,7 +179,7 @@ def test_scripts_redis_lost_are_loaded_again_and_the_call_goes_through():
     shared = shared_on(clock, fake)
     shared.startService()
     fake.scripts_lost = True
-    assert outcome(shared.run("settle", ["k"], ["1"])) == "ok 1"
+    assert outcome(shared.run("settle", ["k"], ["1"])) == [b"ok", 1]
     assert shared.up
 
 
@@ -243,13 +245,13 @@ def test_a_shared_ticket_is_settled_in_redis_and_a_local_one_locally():
     limiter = Limiter(clock)
     quota = RedisQuota(shared, LocalQuota(limiter), clock)
     plan = limited_plan()
-    fake.evalsha_reply = "ok 7 1 1 30 2 0"
+    fake.evalsha_reply = [b"ok", 7, 1, 30_000_000_000]  # ticket 7; the rpm: 1 remaining, full again in 30 s
     ticket = outcome(quota.admit(plan, Reservation(1, 0)))
     assert isinstance(ticket, RedisTicket) and ticket.number == 7
     assert dict(ticket.headers())[b"x-ratelimit-remaining-requests"] == b"1"
     quota.settle(ticket, 10, None)
     clock.advance(0)  # the settlements of a reactor turn go together
-    assert fake.calls[-1][0] == "evalsha" and fake.calls[-1][3][0].split()[4] == "7"
+    assert fake.calls[-1][0] == "evalsha" and json.loads(fake.calls[-1][3][0])[4] == 7
     fake.mode = "hang"
     deciding = watch(quota.admit(plan, Reservation(1, 0)))
     clock.advance(0.1)
@@ -348,9 +350,9 @@ def test_the_settlements_of_one_reactor_turn_go_in_one_call():
     shared.startService()
     quota = RedisQuota(shared, LocalQuota(Limiter(clock)), clock)
     plan = limited_plan()
-    fake.evalsha_reply = "ok 7 1 1 30 2 0"
+    fake.evalsha_reply = [b"ok", 7, 1, 30_000_000_000]  # ticket 7; the rpm: 1 remaining, full again in 30 s
     first = outcome(quota.admit(plan, Reservation(1, 0)))
-    fake.evalsha_reply = "ok 8 1 1 30 2 0"
+    fake.evalsha_reply = [b"ok", 8, 1, 30_000_000_000]
     second = outcome(quota.admit(plan, Reservation(1, 0)))
     calls = len(fake.calls)
     quota.settle(first, 10, None)
@@ -358,5 +360,31 @@ def test_the_settlements_of_one_reactor_turn_go_in_one_call():
     assert len(fake.calls) == calls, "nothing sent before the turn ends"
     clock.advance(0)
     assert len(fake.calls) == calls + 1
-    words = fake.calls[-1][3][0].split()
-    assert words[4] == "7" and "8" in words[5:]
+    words = json.loads(fake.calls[-1][3][0])
+    assert words[4] == 7 and 8 in words[5:]
+
+
+def test_clients_leaving_while_redis_decides_neither_count_against_redis_nor_keep_what_it_admitted():
+    """A request cancelled by its client's going away (fwd.resource) while its admission is in Redis: the call
+    goes on, Redis is not counted late however many leave, and the slot Redis gave is given back (before, three
+    such clients marked Redis down, and each admission they left held its parallel slot for the 15-minute
+    lease)."""
+    clock, fake = Clock(), FakeRedis()
+    shared = shared_on(clock, fake)
+    shared.startService()
+    quota = RedisQuota(shared, LocalQuota(Limiter(clock)), clock)
+    plan = limited_plan()
+    fake.mode = "hang"
+    left = []
+    for _ in range(5):
+        deciding = defer.maybeDeferred(quota.admit, plan, Reservation(1, 0))
+        left.append(watch(deciding))
+        deciding.cancel()
+    assert all(seen[0].check(defer.CancelledError) for seen in left)
+    for number, call in enumerate(fake.hanging, start=1):
+        call.callback([b"ok", number, 1, 30_000_000_000])
+    clock.advance(0.05)
+    assert shared.up, "clients leaving are not Redis being late"
+    settled = [json.loads(call[3][0]) for call in fake.calls if call[0] == "evalsha" and call[1] == shared.shas["settle"]]
+    assert settled and sorted(w for w in settled[0][1:] if w in range(1, 6)) == [1, 2, 3, 4, 5], \
+        "every ticket Redis gave the clients that left is ended"
