@@ -56,11 +56,14 @@ def connect(target: RedisTarget, timeout: float) -> RedisPool:
     import txredisapi
     from twisted.internet import endpoints, reactor, ssl
 
+    from fwd.redis_wire import ScriptProtocol
+
     factory = txredisapi.RedisFactory(
         f"{target.host}:{target.port}", target.db, 2, isLazy=True, password=target.password,
         replyTimeout=max(2.0, timeout * 20), convertNumbers=False, username=target.username,
     )
     factory.reconnect = True
+    factory.protocol = ScriptProtocol
     endpoint = endpoints.HostnameEndpoint(reactor, target.host, target.port, timeout=max(1.0, timeout * 10))
     if target.tls:
         endpoint = endpoints.wrapClientTLS(ssl.optionsForClientTLS(target.host), endpoint)
@@ -312,6 +315,7 @@ def subscribe(target: RedisTarget, deadline: float, on_message, on_subscribed, c
     `on_lost` hears of each lost connection."""
     import txredisapi
     from twisted.internet import endpoints, reactor, ssl
+
 
     class Subscriber(txredisapi.SubscriberProtocol):
         def connectionMade(self):

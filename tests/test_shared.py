@@ -388,3 +388,24 @@ def test_clients_leaving_while_redis_decides_neither_count_against_redis_nor_kee
     settled = [json.loads(call[3][0]) for call in fake.calls if call[0] == "evalsha" and call[1] == shared.shas["settle"]]
     assert settled and sorted(w for w in settled[0][1:] if w in range(1, 6)) == [1, 2, 3, 4, 5], \
         "every ticket Redis gave the clients that left is ended"
+
+
+def test_commands_are_written_byte_for_byte_as_txredisapi_writes_them_and_through_the_one_pass_encoder(monkeypatch):
+    """fwd.redis_wire writes commands in one pass by overriding txredisapi's `_build_command`: the bytes must be
+    txredisapi's own, and a txredisapi that stops building its commands there must fail here (the override would
+    be silently skipped)."""
+    import txredisapi
+    from twisted.internet.testing import StringTransport
+
+    from fwd import redis_wire
+
+    plain, ours = txredisapi.RedisProtocol(), redis_wire.ScriptProtocol()
+    for args in [("EVALSHA", "c0ffee", 2, "fwd:rate:key:/:a:rpm", "fwd:ticket", '[1.5,2,"4114:0.0"]'),
+                 ("HSET", b"fwd:keys:/", "naïve", 0, -7), ("PING",), ("SET", "k", 1.5, True)]:
+        assert ours._build_command(*args) == plain._build_command(*args)
+    used = []
+    monkeypatch.setattr(redis_wire, "encode_command", lambda args: used.append(args) or b"*1\r\n$4\r\nPING\r\n")
+    ours.transport = StringTransport()
+    ours.connected = 1
+    ours.execute_command("PING")
+    assert used == [("PING",)] and ours.transport.value() == b"*1\r\n$4\r\nPING\r\n"
